@@ -1,0 +1,23 @@
+"""graphpeft: parameter-efficient fine-tuning by rewriting the model's captured graph.
+
+    import graphpeft
+    model = graphpeft.rewrite(hf_model, graphpeft.LoraConfig(r=8, target_modules="all-linear"))
+    model.print_trainable_parameters()
+    ... train ...
+    model.save_pretrained("out")            # loads into peft.PeftModel.from_pretrained too
+"""
+
+from graphpeft.api import from_pretrained, rewrite
+from graphpeft.capture import capture, set_train_mode, synthesize_inputs
+from graphpeft.errors import AdapterFormatError, CaptureError, GraphPeftError, NoMatchError
+from graphpeft.model import CapturedModel, GraphPeftModel
+from graphpeft.passes import LoraConfig
+from graphpeft.result import PassResult, Rewrite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError", "CaptureError", "CapturedModel", "GraphPeftError", "GraphPeftModel", "LoraConfig",
+    "NoMatchError", "PassResult", "Rewrite", "capture", "from_pretrained", "rewrite", "set_train_mode",
+    "synthesize_inputs", "__version__",
+]

@@ -1,0 +1,75 @@
+"""The public entry points: ``rewrite`` and ``from_pretrained``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphpeft import registry
+from graphpeft.capture import capture, capture_info
+from graphpeft.errors import GraphPeftError
+from graphpeft.io import load_adapter_state, read_adapter
+from graphpeft.model import GraphPeftModel
+from graphpeft.pass_manager import run_passes
+from graphpeft.trainable import apply_modules_to_save
+
+# PEFT's sequence-classification wrapper trains the head in full under these names.
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_name: str = "default") -> GraphPeftModel:
+    """Capture ``model`` (unless it is already an fx.GraphModule), run the config's pass, freeze the base.
+
+    Returns a GraphPeftModel that takes the model's arguments and returns its output type.
+    """
+    method = registry.method_for_config(config)
+    gm = capture(model, example_inputs)
+    base_graph = copy.deepcopy(gm.graph)
+    result = run_passes(gm, [method.pass_cls(config, adapter_name=adapter_name)])
+    gm = result.graph_module
+    records = list(result.records)
+    to_save = list(getattr(config, "modules_to_save", None) or [])
+    if getattr(config, "task_type", None) == "SEQ_CLS":
+        to_save += [h for h in _SEQ_CLS_HEADS if h not in to_save]
+    if to_save:
+        records += apply_modules_to_save(gm, to_save, adapter_name)
+    trainable = {name for rec in records for name in rec.params}
+    for name, param in gm.named_parameters():
+        param.requires_grad_(name in trainable)
+    out = GraphPeftModel(gm, {adapter_name: config}, tuple(records), base_graph)
+    out.train(model.training if not isinstance(model, fx.GraphModule) else gm.training)
+    return out
+
+
+def from_pretrained(model: nn.Module, adapter_dir: str, example_inputs: Any = None, adapter_name: str = "default",
+                    is_trainable: bool = False) -> GraphPeftModel:
+    """Rewrite ``model`` with the adapter saved in ``adapter_dir`` (by graphpeft or by PEFT) and load its weights.
+
+    As in PEFT, the adapter is frozen and the model in eval mode unless ``is_trainable``.
+    """
+    config_dict, tensors = read_adapter(adapter_dir)
+    method = registry.method_for_peft_type(config_dict["peft_type"])
+    config = method.config_cls.from_dict(config_dict)
+    config.inference_mode = not is_trainable
+    if not isinstance(model, nn.Module):
+        raise GraphPeftError(f"from_pretrained needs a torch.nn.Module, got {type(model).__name__}")
+    peft_model = rewrite(model, _loadable(config), example_inputs, adapter_name)
+    peft_model.peft_config[adapter_name] = config
+    load_adapter_state(peft_model, tensors, adapter_name)
+    if not is_trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        peft_model.eval()
+    return peft_model
+
+
+def _loadable(config: Any) -> Any:
+    """A saved config needs no random init: skip it (the file's weights replace it)."""
+    loadable = copy.copy(config)
+    if hasattr(loadable, "init_lora_weights"):
+        loadable.init_lora_weights = False
+    return loadable

@@ -1,0 +1,149 @@
+"""PEFT's adapter format: adapter_config.json + adapter_model.safetensors, both directions.
+
+Keys follow PEFT (``base_model.model.<module path>.lora_A.weight`` and the like); each Rewrite
+record says which graph parameter is saved under which key. Files are written to a temporary
+file in the target folder and renamed into place, so an interrupted save leaves the previous
+files intact. Loading never unpickles: only safetensors is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from graphpeft.errors import AdapterFormatError, GraphPeftError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_state(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """{PEFT key: tensor} of one adapter, read from the live graph."""
+    from graphpeft.rewriter import get_attr_path
+
+    state = {}
+    for rec in model.records:
+        for attr, key in rec.saved_keys.items():
+            if rec.adapter == adapter_name:
+                state[key] = get_attr_path(model.graph_module, attr).detach().contiguous().cpu()
+    return state
+
+
+def resolved_config(model: Any, adapter_name: str) -> dict[str, Any]:
+    """The adapter's config as PEFT writes it, with the sites graphpeft found written out."""
+    cfg = model.peft_config[adapter_name]
+    data = cfg.to_dict()
+    mine = [r for r in model.records if r.rule != "modules_to_save" and r.adapter == adapter_name]
+    if hasattr(cfg, "target_modules"):
+        module_sites = sorted({r.module_path for r in mine if r.kind not in ("einsum", "matmul")})
+        param_sites = sorted({r.info.get("weight") for r in mine if r.kind in ("einsum", "matmul")})
+        data["target_modules"] = module_sites or None
+        data["target_parameters"] = param_sites or None
+        if module_sites and all(r.kind in ("addmm", "mm") for r in mine if r.module_path in module_sites):
+            data["fan_in_fan_out"] = True
+    info = model.capture_info
+    if not data.get("base_model_name_or_path") and info is not None:
+        data["base_model_name_or_path"] = info.name_or_path
+    data["inference_mode"] = True
+    return data
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraphPeftError(f"cannot create output folder {out}: {exc.strerror}; choose a writable path") from None
+    if not os.access(out, os.W_OK):
+        raise GraphPeftError(f"output folder {out} is not writable; choose a writable path")
+    state = adapter_state(model, adapter_name)
+    config = resolved_config(model, adapter_name)
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return out
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, {key: tensor}) from a PEFT-format adapter folder, with one-line errors."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise AdapterFormatError(f"adapter folder {folder} does not exist; pass the folder save_pretrained wrote")
+    cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise AdapterFormatError(f"{folder} has no {CONFIG_NAME}; pass a folder written by save_pretrained")
+    if not weights_path.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise AdapterFormatError(f"{folder} holds adapter_model.bin (a pickle), which graphpeft does not load; "
+                                     f"re-save it with safetensors (PEFT: save_pretrained(..., safe_serialization=True))")
+        raise AdapterFormatError(f"{folder} has no {WEIGHTS_NAME}; pass a folder written by save_pretrained")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{cfg_path} is not valid JSON ({exc}); re-save the adapter") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise AdapterFormatError(f"{cfg_path} has no peft_type; it is not a PEFT adapter config")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{weights_path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                                 f"re-save the adapter") from None
+    return config, tensors
+
+
+def load_adapter_state(model: Any, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Copy PEFT-keyed tensors into the graph's adapter parameters; every key and shape must fit."""
+    from graphpeft.rewriter import get_attr_path
+
+    targets = {}
+    for rec in model.records:
+        for attr, key in rec.saved_keys.items():
+            if rec.adapter == adapter_name:
+                targets[key] = attr
+    tensors = {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    if unexpected:
+        raise AdapterFormatError(f"adapter file has {len(unexpected)} key(s) the rewritten model does not have, "
+                                 f"e.g. {unexpected[0]}; was it saved for another model or config?")
+    if missing:
+        raise AdapterFormatError(f"adapter file lacks {len(missing)} key(s) the config asks for, e.g. {missing[0]}; "
+                                 f"the file does not fit its adapter_config.json")
+    with torch.no_grad():
+        for key, attr in targets.items():
+            param, value = get_attr_path(model.graph_module, attr), tensors[key]
+            if tuple(param.shape) != tuple(value.shape):
+                raise AdapterFormatError(f"{key} has shape {tuple(value.shape)} in the file but "
+                                         f"{tuple(param.shape)} in the model; was it saved for another model?")
+            if not value.is_floating_point():
+                raise AdapterFormatError(f"{key} has dtype {value.dtype}; adapter weights must be floating point")
+            param.copy_(value.to(param.dtype))
+
+
+def _strip_adapter_name(key: str, adapter_name: str) -> str:
+    """PEFT strips the adapter name on save; accept files that kept it (``lora_A.default.weight``)."""
+    for suffix in (f".{adapter_name}.weight", f".{adapter_name}.bias"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + suffix[len(adapter_name) + 1:]
+    if key.endswith(f".{adapter_name}") and (".lora_" in key or ".modules_to_save." in key):
+        return key[: -len(adapter_name) - 1]
+    return key.replace(f".modules_to_save.{adapter_name}.", ".")

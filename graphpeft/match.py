@@ -1,0 +1,357 @@
+"""Site selection: which graph nodes a rule may anchor on, by op kind and module path.
+
+A *site* is an op whose weight operand is a parameter of the graph module:
+
+    linear     aten.linear(x, W[out,in], b) / F.linear                      nn.Linear
+    addmm      aten.addmm(b, x2d, W[in,out])                                GPT-2's Conv1D
+    mm         aten.mm(x2d, W[in,out])                                      Conv1D without bias
+    matmul     aten.matmul / torch.matmul with a parameter operand          custom layers
+    einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
+    embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
+
+Module paths come from ``node.meta["nn_module_stack"]`` (last entry). ``target_modules`` follows
+PEFT: a list entry matches a path exactly or as its suffix ``.name``; a string is a full regex match;
+"all-linear" takes every linear-kind site except the output head. Entries may also name the
+weight parameter itself (``"mix.weight"``), which is how a bare parameter used in ``einsum`` is
+targeted; ``target_parameters`` names parameters only (PEFT's field).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+STAMP = "graphpeft"          # node.meta key set on every node a rule inserts
+ALL_LINEAR = "all-linear"
+LINEAR_KINDS = ("linear", "addmm", "mm")
+PARAM_KINDS = ("matmul", "einsum")
+
+_LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
+_MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
+_EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
+_EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One candidate op. ``weight`` is the get_attr node of its parameter."""
+
+    node: fx.Node
+    kind: str
+    module_path: str
+    weight: fx.Node
+    weight_name: str            # attribute path of the parameter in the graph module
+    in_features: int
+    out_features: int
+    module_class: str = ""
+
+    @property
+    def param_owner(self) -> str:
+        """The module that holds the parameter (PEFT's key for target_parameters)."""
+        return self.weight_name.rpartition(".")[0]
+
+
+# -- finding sites ------------------------------------------------------------------------------
+
+def module_stack_entry(node: fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return str(path), cls_name.rpartition(".")[2]
+
+
+def is_stamped(node: fx.Node) -> bool:
+    return STAMP in node.meta
+
+
+def _param(gm: fx.GraphModule, node: object) -> Optional[torch.nn.Parameter]:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.nn.Parameter) else None
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, fx.Node, int, int]]:
+    """(kind, weight node, in_features, out_features) when ``node`` is a site, else None."""
+    t, a = node.target, node.args
+    if t in _LINEAR and len(a) >= 2 and (p := _param(gm, a[1])) is not None and p.dim() == 2:
+        return "linear", a[1], p.shape[1], p.shape[0]
+    if t is aten.addmm.default and len(a) >= 3 and (p := _param(gm, a[2])) is not None:
+        return "addmm", a[2], p.shape[0], p.shape[1]
+    if t is aten.mm.default and len(a) >= 2 and (p := _param(gm, a[1])) is not None:
+        return "mm", a[1], p.shape[0], p.shape[1]
+    if t in _EMBEDDING:
+        w = a[0] if t is aten.embedding.default else (a[1] if len(a) > 1 else node.kwargs.get("weight"))
+        if (p := _param(gm, w)) is not None and p.dim() == 2:
+            return "embedding", w, p.shape[0], p.shape[1]
+    if t in _MATMUL and len(a) >= 2:
+        for w in a[:2]:
+            if (p := _param(gm, w)) is not None and p.dim() == 2:
+                return "matmul", w, p.shape[1], p.shape[0]
+    if t in _EINSUM:
+        operands = a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:]
+        params = [w for w in operands if _param(gm, w) is not None]
+        if len(params) == 1 and (p := _param(gm, params[0])).dim() == 2:
+            return "einsum", params[0], p.shape[1], p.shape[0]
+    return None
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every weight-matmul and embedding site of the graph, in graph order; inserted nodes are skipped."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or is_stamped(node):
+            continue
+        found = _classify(gm, node)
+        if found is None:
+            continue
+        kind, weight, fin, fout = found
+        path, cls = module_stack_entry(node)
+        weight_name = str(weight.target)
+        if kind in PARAM_KINDS or not path:
+            path = path or weight_name.rpartition(".")[0]
+        sites.append(Site(node, kind, path, weight, weight_name, int(fin), int(fout), cls))
+    return sites
+
+
+# -- PEFT's target_modules semantics --------------------------------------------------------------
+
+def _matches(spec: object, key: str) -> bool:
+    if spec is None or not key:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return key in spec or any(key.endswith(f".{name}") for name in spec)
+
+
+def _layer_index(key: str, layers_pattern: object) -> Optional[int]:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _in_layers(key: str, cfg: object) -> bool:
+    layers = getattr(cfg, "layers_to_transform", None)
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    idx = _layer_index(key, getattr(cfg, "layers_pattern", None))
+    if idx is None:
+        return False
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def in_modules_to_save(key: str, modules_to_save: Optional[Iterable[str]]) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in modules_to_save or ())
+
+
+def target_matches(cfg: object, site: Site) -> bool:
+    """PEFT's check_target_module_exists, on a graph site (module path, and parameter name)."""
+    key = site.module_path
+    if _matches(getattr(cfg, "exclude_modules", None), key):
+        return False
+    if in_modules_to_save(key, getattr(cfg, "modules_to_save", None)):
+        return False
+    params = getattr(cfg, "target_parameters", None)
+    if params and (site.weight_name in params or any(site.weight_name.endswith(f".{p}") for p in params)):
+        return True
+    targets = getattr(cfg, "target_modules", None)
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return _matches(targets, key) or (site.kind in PARAM_KINDS and _matches(targets, site.weight_name))
+    if key in targets or site.weight_name in targets:
+        return True
+    found = any(key.endswith(f".{t}") or site.weight_name.endswith(f".{t}") for t in targets)
+    return found and _in_layers(key, cfg)
+
+
+def select_sites(gm: fx.GraphModule, cfg: object, kinds: Iterable[str], default_paths: Iterable[str] = ()) -> list[Site]:
+    """Sites of the given kinds that ``cfg`` targets.
+
+    target_modules None -> ``default_paths`` (a rule's graph-derived default); "all-linear" -> every
+    linear-kind site except the output head(s) of the graph.
+    """
+    kinds = tuple(kinds)
+    sites = [s for s in find_sites(gm) if s.kind in kinds]
+    targets = getattr(cfg, "target_modules", None)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        heads = set(output_heads(gm))
+        keep = [s for s in sites if s.kind in LINEAR_KINDS and s.module_path not in heads]
+        return [s for s in keep if _excluded_ok(cfg, s)]
+    if targets is None and not getattr(cfg, "target_parameters", None):
+        wanted = set(default_paths)
+        return [s for s in sites if s.module_path in wanted and _excluded_ok(cfg, s)]
+    return [s for s in sites if target_matches(cfg, s)]
+
+
+def _excluded_ok(cfg: object, site: Site) -> bool:
+    return not (_matches(getattr(cfg, "exclude_modules", None), site.module_path)
+                or in_modules_to_save(site.module_path, getattr(cfg, "modules_to_save", None))
+                or not _in_layers(site.module_path, cfg))
+
+
+def nearest_paths(targets: object, paths: Iterable[str], n: int = 5) -> list[str]:
+    """Module paths closest to what the user asked for, for 'matched nothing' errors."""
+    paths = sorted(set(p for p in paths if p))
+    wanted = [targets] if isinstance(targets, str) else list(targets or [])
+    names = {p.rpartition(".")[2] for p in paths}
+    close: list[str] = []
+    for t in wanted:
+        for name in difflib.get_close_matches(str(t).rpartition(".")[2], names, n=n, cutoff=0.3):
+            close.extend(p for p in paths if p.endswith("." + name) or p == name)
+    seen, out = set(), []
+    for p in close or paths:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out[:n]
+
+
+# -- graph structure the rules derive defaults from ------------------------------------------------
+
+# ops that only move, view, cast or combine values elementwise: walking back through them from an
+# attention input reaches the projection that produced it.
+_TRANSPARENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.contiguous.default, aten.clone.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.select.int, aten.narrow.default,
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.cat.default, aten.div.Tensor,
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.alias.default,
+    aten.chunk.default, aten.unflatten.int, aten.flatten.using_ints, aten.repeat_interleave.self_int,
+    aten.t.default, aten.mul.Scalar, aten.div.Scalar, aten.unbind.int, aten.index_select.default,
+}
+_TRANSPARENT_NAMES = {"getitem", "view", "reshape", "transpose", "permute", "contiguous", "split", "chunk",
+                      "unsqueeze", "squeeze", "mul", "add", "truediv", "cat", "expand", "flatten", "unflatten",
+                      "to", "type_as", "size"}
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """An attention op and the nodes feeding its query, key and value."""
+
+    node: fx.Node
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    kind: str                 # "sdpa" or "eager"
+
+
+def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """scaled_dot_product_attention ops, and the matmul-softmax-matmul that eager attention is."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or is_stamped(node):
+            continue
+        if node.target in (aten.scaled_dot_product_attention.default,
+                           torch.nn.functional.scaled_dot_product_attention):
+            q, k, v = node.args[:3]
+            out.append(AttentionSite(node, q, k, v, "sdpa"))
+        elif node.target in _MATMUL and len(node.args) >= 2:
+            eager = _eager_attention(node)
+            if eager is not None:
+                out.append(eager)
+    return out
+
+
+def _eager_attention(pv: fx.Node) -> Optional[AttentionSite]:
+    """Match matmul(softmax(... matmul(q, k^T) ...), v), walking back through masking and dropout."""
+    probs, value = pv.args[0], pv.args[1]
+    node, hops = probs, 0
+    while isinstance(node, fx.Node) and hops < 8:
+        name = getattr(node.target, "__name__", str(node.target))
+        if "softmax" in name:
+            break
+        node, hops = (node.args[0] if node.args else None), hops + 1
+    else:
+        return None
+    if not isinstance(node, fx.Node) or "softmax" not in getattr(node.target, "__name__", str(node.target)):
+        return None
+    scores, hops = node.args[0], 0
+    while isinstance(scores, fx.Node) and scores.target not in _MATMUL and hops < 8:
+        scores, hops = (scores.args[0] if scores.args else None), hops + 1
+    if not isinstance(scores, fx.Node) or scores.target not in _MATMUL:
+        return None
+    return AttentionSite(pv, scores.args[0], scores.args[1], value, "eager")
+
+
+def producing_sites(gm: fx.GraphModule, start: fx.Node, sites_by_node: dict[fx.Node, Site], limit: int = 64) -> list[Site]:
+    """The sites whose output reaches ``start`` through transparent ops only (nearest first)."""
+    found, seen, frontier = [], set(), [start]
+    while frontier and len(seen) < limit:
+        node = frontier.pop(0)
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if node in sites_by_node:
+            found.append(sites_by_node[node])
+            continue
+        if node.op != "call_function" or not _transparent(node):
+            continue
+        for arg in node.all_input_nodes:
+            frontier.append(arg)
+    return found
+
+
+def _transparent(node: fx.Node) -> bool:
+    if node.target in _TRANSPARENT:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name in _TRANSPARENT_NAMES
+
+
+def attention_input_projections(gm: fx.GraphModule, which: Iterable[str]) -> list[str]:
+    """Module paths of the projections that feed the given inputs ("query", "key", "value") of attention."""
+    sites = {s.node: s for s in find_sites(gm) if s.kind in LINEAR_KINDS}
+    paths: list[str] = []
+    for att in attention_sites(gm):
+        for role in which:
+            for site in producing_sites(gm, getattr(att, role), sites):
+                if site.module_path not in paths:
+                    paths.append(site.module_path)
+    return paths
+
+
+_SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
+               aten.select.int, aten.contiguous.default, aten.clone.default, aten.to.dtype, aten.squeeze.dim,
+               aten._to_copy.default, aten.to.dtype_layout, aten.alias.default}
+
+
+def output_heads(gm: fx.GraphModule) -> list[str]:
+    """Module paths of linear sites whose result reaches a graph output through shape/cast ops only.
+
+    That is the LM head or classifier head, which "all-linear" leaves alone.
+    """
+    sites = {s.node: s for s in find_sites(gm) if s.kind in LINEAR_KINDS}
+    heads: list[str] = []
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    frontier = list(output.all_input_nodes)
+    seen: set[fx.Node] = set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in sites:
+            heads.append(sites[node].module_path)
+        elif node.op == "call_function" and (node.target in _SHAPE_ONLY or getattr(node.target, "__name__", "") == "getitem"):
+            frontier.extend(node.all_input_nodes)
+    return heads

@@ -1,0 +1,208 @@
+"""GraphPeftModel: the rewritten graph behind the original model's call signature.
+
+``CapturedModel`` calls a captured graph with the original model's arguments and returns the same
+output type (for Hugging Face models a ModelOutput, with ``.loss`` when ``labels`` are given: the
+loss is computed outside the graph with the model's own transformers loss function).
+``GraphPeftModel`` adds what an adapter needs: trainable-parameter report, save, merge, disable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphpeft import registry
+from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, set_train_mode
+from graphpeft.errors import GraphPeftError
+from graphpeft.result import Rewrite
+from graphpeft.rewriter import ensure_module
+
+_IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
+_REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "past_key_values")
+
+
+class CapturedModel(nn.Module):
+    """A captured graph that takes the original model's arguments and returns its output type."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__()
+        self.graph_module = graph_module
+        self.training = graph_module.training
+
+    @property
+    def capture_info(self) -> Optional[CaptureInfo]:
+        return capture_info(self.graph_module)
+
+    def train(self, mode: bool = True) -> "CapturedModel":
+        super().train(mode)
+        set_train_mode(self.graph_module, mode)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(self.graph_module, args, kwargs)
+
+    def _call(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+        info = capture_info(gm)
+        if info is None or info.mode != "export" or info.signature is None:
+            return gm(*args, **kwargs)
+        values = _bind(info, args, kwargs)
+        labels = values.pop("labels", None) if info.loss_type else None
+        for name in _IGNORED_ARGS:
+            values.pop(name, None)
+        for name in _REFUSED_FLAGS:
+            if values.pop(name, None):
+                raise GraphPeftError(f"{name} was not part of the captured graph; capture with it in example_inputs")
+        values = {k: v for k, v in values.items() if v is not None}
+        unknown = sorted(set(values) - set(info.input_names))
+        if unknown:
+            raise GraphPeftError(f"argument {unknown[0]!r} was not part of the captured graph (inputs: "
+                                 f"{', '.join(info.input_names)}); pass it in example_inputs when rewriting")
+        for name in info.input_names:
+            if name not in values:
+                values[name] = _default_input(name, values)
+        ordered = [values[n] for n in info.input_names]
+        positional, named = ordered[:info.positional], dict(zip(info.input_names[info.positional:], ordered[info.positional:]))
+        out = gm(*positional, **named, **info.constants)
+        if labels is not None:
+            out = _with_loss(out, labels, info)
+        return out
+
+
+def _bind(info: CaptureInfo, args: tuple, kwargs: dict) -> dict:
+    try:
+        bound = info.signature.bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise GraphPeftError(f"arguments do not fit {info.model_class}.forward: {exc}") from None
+    values = {}
+    for name, value in bound.arguments.items():
+        if info.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            values.update(value)
+        else:
+            values[name] = value
+    return values
+
+
+def _default_input(name: str, values: dict) -> torch.Tensor:
+    ref = values.get("input_ids") if not name.startswith("decoder_") else values.get("decoder_input_ids")
+    if ref is not None and name.endswith("attention_mask"):
+        return torch.ones_like(ref)
+    if ref is not None and name == "token_type_ids":
+        return torch.zeros_like(ref)
+    raise GraphPeftError(f"missing input {name!r}: the graph was captured with it; pass {name}=...")
+
+
+def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo) -> Any:
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    logits = out["logits"] if isinstance(out, dict) else out[0]
+    fn, config = LOSS_MAPPING.get(info.loss_type), info.hf_config
+    if fn is None:
+        raise GraphPeftError(f"no loss for {info.model_class} (loss_type {info.loss_type!r}); compute it from .logits")
+    if info.loss_type == "ForSequenceClassification":
+        loss = fn(labels, logits, config)
+    elif info.loss_type in ("ForTokenClassification",):
+        loss = fn(logits, labels, config)
+    else:
+        vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+        loss = fn(logits=logits, labels=labels, vocab_size=vocab)
+    if isinstance(out, dict):
+        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+    return (loss, *out)
+
+
+class GraphPeftModel(CapturedModel):
+    """A rewritten graph with adapters: train it, save the adapter, merge it, or switch it off."""
+
+    def __init__(self, graph_module: fx.GraphModule, configs: dict[str, Any], records: tuple[Rewrite, ...],
+                 base_graph: fx.Graph):
+        super().__init__(graph_module)
+        self.peft_config = dict(configs)
+        self.records = tuple(records)
+        self.active_adapter = next(iter(self.peft_config), "default")
+        self._base_graph = base_graph
+        self._disabled = False
+
+    # -- running --------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        gm = self._base_module() if self._disabled else self.graph_module
+        return self._call(gm, args, kwargs)
+
+    def _base_module(self) -> fx.GraphModule:
+        if getattr(self, "_base_cache", None) is None:
+            base = fx.GraphModule(self.graph_module, copy.deepcopy(self._base_graph), class_name="BaseGraph")
+            base.meta[CAPTURE_META] = capture_info(self.graph_module)
+            self._base_cache = base
+        set_train_mode(self._base_cache, self.training)
+        return self._base_cache
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes the base model's outputs (adapters and modules_to_save off)."""
+        self._disabled, self._base_cache = True, None
+        try:
+            yield
+        finally:
+            self._disabled, self._base_cache = False, None
+
+    # -- parameters -------------------------------------------------------------------------------
+    @property
+    def adapter_parameter_names(self) -> list[str]:
+        return [name for rec in self.records for name in rec.params]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- saving and merging ------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, adapter_name: Optional[str] = None) -> None:
+        from graphpeft.io import save_adapter
+
+        save_adapter(self, save_directory, adapter_name or self.active_adapter)
+
+    def merge_and_unload(self) -> CapturedModel:
+        """A plain module with the adapters merged into the weights: no adapter nodes, same outputs.
+
+        The model's own weights are not changed: merged weights are new tensors in the returned module.
+        """
+        graph = copy.deepcopy(self._base_graph)
+        merged = fx.GraphModule(self.graph_module, graph, class_name="MergedGraph")
+        merged.meta[CAPTURE_META] = capture_info(self.graph_module)
+        nodes = {n.name: n for n in graph.nodes}
+        with torch.no_grad():
+            for rec in self.records:
+                weights = registry.rule(rec.rule).merged_weights(self.graph_module, rec)
+                for attr, value in weights.items():
+                    _set_weight(merged, attr, value, nodes.get(rec.anchor) if rec.kind != "module" else None)
+        graph.eliminate_dead_code()
+        merged.recompile()
+        merged.delete_all_unused_submodules()
+        set_train_mode(merged, self.training)
+        return CapturedModel(merged)
+
+
+def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Optional[fx.Node]) -> None:
+    """Give ``anchor`` (or every reader when None) the weight ``value`` in place of ``attr``."""
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr]
+    users = {u for n in readers for u in n.users}
+    param = nn.Parameter(value.clone(), requires_grad=False)
+    owner_path, _, leaf = attr.rpartition(".")
+    if anchor is None or users <= {anchor}:
+        setattr(ensure_module(gm, owner_path), leaf, param)
+        return
+    # the weight is shared (tied embeddings): only this site reads the merged copy
+    new_attr = f"{owner_path}.{leaf}_merged_{anchor.name}" if owner_path else f"{leaf}_merged_{anchor.name}"
+    ensure_module(gm, owner_path).register_parameter(new_attr.rpartition(".")[2], param)
+    old = next(n for n in readers if anchor in n.users)
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.get_attr(new_attr)
+    anchor.replace_input_with(old, node)

@@ -1,0 +1,128 @@
+"""The only code that mutates a graph. Every change goes through a ``Rewriter``, which stamps the
+nodes it inserts (``node.meta["graphpeft"]``) and records what it did as a ``Rewrite``.
+
+Parameters are added to the graph module at ``<module path>.<name>.<adapter>[.<leaf>]`` — the same
+names PEFT gives them in memory — creating plain container modules along the path where the
+graph module has none.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphpeft.match import STAMP
+from graphpeft.result import Rewrite
+
+
+REWRITTEN = STAMP + ".rewritten"   # anchor meta: [(rule, adapter)] that rewrote it
+
+
+def was_rewritten(node: Any, rule_name: str, adapter: str) -> bool:
+    return isinstance(node, fx.Node) and (rule_name, adapter) in node.meta.get(REWRITTEN, ())
+
+
+def get_attr_path(root: nn.Module, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def ensure_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``, creating empty containers (nn.Module / nn.ModuleDict) as needed."""
+    module = root
+    for part in [p for p in path.split(".") if p]:
+        child = module._modules.get(part)
+        if child is None:
+            if hasattr(module, part):
+                raise ValueError(f"cannot add a module at {path!r}: {part!r} is already an attribute")
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    return module
+
+
+class Rewriter:
+    """Inserts nodes around one anchor and records them.
+
+    Use one Rewriter per site: ``rw = Rewriter(gm, rule, site)``, insert with ``call`` /
+    ``get_param``, reroute with ``replace_uses``, then ``rw.record(**info)``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, rule_name: str, anchor: fx.Node, module_path: str, kind: str,
+                 adapter: str = "default"):
+        self.gm, self.graph = gm, gm.graph
+        self.rule_name, self.anchor, self.module_path, self.kind = rule_name, anchor, module_path, kind
+        self.adapter = adapter
+        self.inserted: list[fx.Node] = []
+        self.params: dict[str, tuple[int, ...]] = {}
+        self.saved_keys: dict[str, str] = {}
+        self._cursor: fx.Node = anchor
+
+    # -- parameters ----------------------------------------------------------------------------
+    def add_parameter(self, attr: str, tensor: torch.Tensor, saved_key: Optional[str] = None,
+                      requires_grad: bool = True) -> str:
+        """Register ``tensor`` as a parameter at attribute path ``attr``; returns ``attr``.
+
+        If a parameter already sits there (a module called twice shares its adapter), it is kept.
+        """
+        owner_path, _, leaf = attr.rpartition(".")
+        owner = ensure_module(self.gm, owner_path)
+        if not isinstance(getattr(owner, leaf, None), nn.Parameter):
+            owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=requires_grad))
+        self.params[attr] = tuple(get_attr_path(self.gm, attr).shape)
+        if saved_key is not None:
+            self.saved_keys[attr] = saved_key
+        return attr
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def _stamp(self, node: fx.Node) -> fx.Node:
+        node.meta[STAMP] = {"rule": self.rule_name, "adapter": self.adapter, "anchor": self.anchor.name}
+        if "nn_module_stack" in self.anchor.meta:
+            node.meta["nn_module_stack"] = dict(self.anchor.meta["nn_module_stack"])
+        self.inserted.append(node)
+        self._cursor = node
+        return node
+
+    def get_param(self, attr: str) -> fx.Node:
+        """A get_attr node for ``attr``, placed right after the cursor."""
+        with self.graph.inserting_after(self._cursor):
+            return self._stamp(self.graph.get_attr(attr))
+
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        """A call_function node placed after the last inserted node (or after the anchor)."""
+        with self.graph.inserting_after(self._cursor):
+            node = self.graph.call_function(target, tuple(args), kwargs)
+        node.meta["val"] = None
+        return self._stamp(node)
+
+    def start_before(self, node: fx.Node) -> None:
+        """Insert the next nodes just before ``node`` (e.g. to compute a new operand of the anchor)."""
+        self._cursor = node.prev
+
+    def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
+        """Every user of ``old`` except the inserted nodes now reads ``new``."""
+        inserted = set(self.inserted)
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inserted)
+
+    def replace_input(self, node: fx.Node, old: fx.Node, new: fx.Node) -> None:
+        """``node`` reads ``new`` where it read ``old``; recorded as a change of the anchor."""
+        node.replace_input_with(old, new)
+
+    def retarget(self, node: fx.Node, attr: str) -> None:
+        """A get_attr node now reads ``attr``."""
+        node.target = attr
+        node.meta.setdefault(REWRITTEN, []).append((self.rule_name, self.adapter))
+
+    def record(self, **info: Any) -> Rewrite:
+        self.anchor.meta.setdefault(REWRITTEN, []).append((self.rule_name, self.adapter))
+        return Rewrite(
+            rule=self.rule_name, anchor=self.anchor.name, module_path=self.module_path, kind=self.kind,
+            adapter=self.adapter,
+            inserted=tuple(n.name for n in self.inserted), params=dict(self.params),
+            saved_keys=dict(self.saved_keys), info=dict(info),
+        )

@@ -1,0 +1,68 @@
+"""modules_to_save: whole modules trained beside the adapter, as PEFT's ModulesToSaveWrapper does.
+
+Every parameter of a selected module is cloned to ``<path>.modules_to_save.<adapter>.<name>`` and
+the graph reads the clone; the original stays untouched (and is what a disabled adapter sees).
+
+before:  get_attr classifier.weight ─ linear
+after:   get_attr classifier.modules_to_save.default.weight ─ linear
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from graphpeft.registry import register_rule
+from graphpeft.result import Rewrite
+from graphpeft.rewriter import REWRITTEN, Rewriter, get_attr_path
+from graphpeft.rule import Rule
+
+RULE = "modules_to_save"
+
+
+def _selected_modules(gm: fx.GraphModule, names: Iterable[str]) -> list[str]:
+    names = list(names or ())
+    chosen: list[str] = []
+    for path, _ in gm.named_modules():
+        if not path or any(path.startswith(c + ".") for c in chosen):
+            continue
+        if ".modules_to_save." in f".{path}." or ".lora_" in f".{path}":
+            continue
+        if any(re.match(rf"(^|.*\.){re.escape(n)}$", path) for n in names):
+            chosen.append(path)
+    return chosen
+
+
+@register_rule
+class ModulesToSave(Rule):
+    __doc__ = __doc__
+    name = RULE
+
+    @classmethod
+    def merged_weights(cls, gm: fx.GraphModule, record: Rewrite) -> dict[str, torch.Tensor]:
+        return {record.info[attr]: get_attr_path(gm, attr).detach() for attr in record.params}
+
+
+def apply_modules_to_save(gm: fx.GraphModule, names: Iterable[str], adapter: str = "default") -> list[Rewrite]:
+    records = []
+    for path in _selected_modules(gm, names):
+        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(path + ".")
+                   and isinstance(get_attr_path(gm, str(n.target)), torch.nn.Parameter)]
+        if not readers or any((RULE, adapter) in n.meta.get(REWRITTEN, ()) for n in readers):
+            continue
+        rw = Rewriter(gm, RULE, readers[0], path, "module", adapter=adapter)
+        originals = {}
+        for node in readers:
+            leaf = str(node.target)[len(path) + 1:]
+            attr = f"{path}.modules_to_save.{adapter}.{leaf}"
+            original = get_attr_path(gm, str(node.target))
+            rw.add_parameter(attr, original.detach().clone(), f"base_model.model.{path}.{leaf}")
+            originals[attr] = str(node.target)
+            rw.retarget(node, attr)
+        records.append(rw.record(**originals))
+    if records:
+        gm.recompile()
+    return records
