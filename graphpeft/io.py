@@ -120,7 +120,13 @@ def load_adapter_state(model: Any, tensors: dict[str, torch.Tensor], adapter_nam
             if rec.adapter == adapter_name:
                 targets[key] = attr
     tensors = {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}
-    missing = sorted(set(targets) - set(tensors))
+    # PEFT saves the full weight of a targeted embedding (``<path>.base_layer.weight``, for resized
+    # vocabularies); like PEFT, load it into the base weight of that site.
+    for rec in model.records:
+        key = f"base_model.model.{rec.module_path}.base_layer.weight"
+        if rec.adapter == adapter_name and key in tensors and "weight" in rec.info:
+            targets.setdefault(key, rec.info["weight"])
+    missing = sorted(k for k in set(targets) - set(tensors) if not k.endswith(".base_layer.weight"))
     unexpected = sorted(set(tensors) - set(targets))
     if unexpected:
         raise AdapterFormatError(f"adapter file has {len(unexpected)} key(s) the rewritten model does not have, "
@@ -130,6 +136,8 @@ def load_adapter_state(model: Any, tensors: dict[str, torch.Tensor], adapter_nam
                                  f"the file does not fit its adapter_config.json")
     with torch.no_grad():
         for key, attr in targets.items():
+            if key not in tensors:
+                continue
             param, value = get_attr_path(model.graph_module, attr), tensors[key]
             if tuple(param.shape) != tuple(value.shape):
                 raise AdapterFormatError(f"{key} has shape {tuple(value.shape)} in the file but "
