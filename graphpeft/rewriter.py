@@ -97,7 +97,6 @@ class Rewriter:
         """A call_function node placed after the last inserted node (or after the anchor)."""
         with self.graph.inserting_after(self._cursor):
             node = self.graph.call_function(target, tuple(args), kwargs)
-        node.meta["val"] = None
         return self._stamp(node)
 
     def start_before(self, node: fx.Node) -> None:

@@ -83,5 +83,8 @@ class RulePass(PassBase):
             path, reason = self.declined[0]
             return NoMatchError(f"{self.rule.name}: every matched site was declined, e.g. {path}: {reason}")
         near = nearest_paths(targets, (s.module_path for s in find_sites(gm)))
+        if targets is None:
+            return NoMatchError(f"{self.rule.name}: no target_modules given and no default site found in the graph "
+                                f"(no attention site); pass target_modules, e.g. one of: {', '.join(near) or '(none)'}")
         return NoMatchError(f"{self.rule.name}: target_modules={targets!r} matched no site in the graph; "
                             f"nearest module paths: {', '.join(near) or '(none: the graph has no weight ops)'}")

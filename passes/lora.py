@@ -102,8 +102,9 @@ class LoraRule(Rule):
     name = "lora"
 
     def sites(self, gm: fx.GraphModule) -> list[Site]:
-        default = attention_input_projections(gm, ("query", "value"))
-        return select_sites(gm, self.config, SITE_KINDS, default_paths=default)
+        cfg = self.config
+        default = () if cfg.target_modules or cfg.target_parameters else attention_input_projections(gm, ("query", "value"))
+        return select_sites(gm, cfg, SITE_KINDS, default_paths=default)
 
     def check(self, site: Site) -> Optional[str]:
         if site.kind in PARAM_KINDS and self.config.lora_dropout:

@@ -208,3 +208,17 @@ def test_target_parameters_matches_peft_both_ways(einsum_net, tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "g").eval()
     torch.testing.assert_close(theirs(x), gm(x), atol=ATOL, rtol=0)
     assert gm.get_nb_trainable_parameters()[0] == pm.get_nb_trainable_parameters()[0]
+
+
+def test_tied_embedding_merges_into_its_own_copy(tmp_path):
+    """GPT-2 ties wte to lm_head: the graph reads one parameter at two sites; only the embedding is adapted."""
+    torch.manual_seed(0)
+    model = _gpt2().eval()
+    ids = torch.randint(0, 96, (2, 7))
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(target_modules=["wte"], init_lora_weights=False)).eval()
+    assert [(r.module_path, r.kind) for r in gm.records] == [("transformer.wte", "embedding")]
+    merged = gm.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, gm(input_ids=ids).logits, atol=ATOL, rtol=0)
+    gm.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, gm(input_ids=ids).logits, atol=ATOL, rtol=0)
