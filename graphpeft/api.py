@@ -29,12 +29,17 @@ def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_n
     method = registry.method_for_config(config)
     gm = capture(model, example_inputs)
     base_graph = copy.deepcopy(gm.graph)
-    result = run_passes(gm, [method.pass_cls(config, adapter_name=adapter_name)])
-    gm = result.graph_module
-    records = list(result.records)
     to_save = list(getattr(config, "modules_to_save", None) or [])
     if getattr(config, "task_type", None) == "SEQ_CLS":
         to_save += [h for h in _SEQ_CLS_HEADS if h not in to_save]
+    pass_config = config
+    if hasattr(config, "modules_to_save") and to_save != list(config.modules_to_save or []):
+        # as in PEFT, adapters never target a module that is saved in full (e.g. classifier.dense)
+        pass_config = copy.copy(config)
+        pass_config.modules_to_save = to_save
+    result = run_passes(gm, [method.pass_cls(pass_config, adapter_name=adapter_name)])
+    gm = result.graph_module
+    records = list(result.records)
     if to_save:
         records += apply_modules_to_save(gm, to_save, adapter_name)
     trainable = {name for rec in records for name in rec.params}
