@@ -120,15 +120,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
 
 
 def _dims(value: Any) -> Any:
-    """Dynamic dims: dim 0 of every tensor is batch; dim 1 of integer tensors (ids, masks) is sequence."""
-    if not isinstance(value, torch.Tensor):
+    """Dim 0 (batch) and dim 1 (sequence, for ids, masks and [batch, seq, hidden] floats) are dynamic.
+
+    ``Dim.AUTO`` lets torch.export keep a dim static where the model fixes it (image channels,
+    mel bins), instead of failing.
+    """
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
-    dims = {}
-    if value.dim() >= 1:
-        dims[0] = torch.export.Dim.AUTO
-    if value.dim() >= 2 and not value.is_floating_point():
-        dims[1] = torch.export.Dim.AUTO
-    return dims or None
+    return {d: torch.export.Dim.AUTO for d in range(min(value.dim(), 2))}
 
 
 def _is_constant(value: Any) -> bool:

@@ -9,6 +9,9 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
 
+and, in graphs traced with torch.fx's default leaf modules, ``call_module`` nodes of nn.Linear
+(kind linear) and nn.Embedding (kind embedding), whose weight has no get_attr node.
+
 Module paths come from ``node.meta["nn_module_stack"]`` (last entry). ``target_modules`` follows
 PEFT: a list entry matches a path exactly or as its suffix ``.name``; a string is a full regex match;
 "all-linear" takes every linear-kind site except the output head. Entries may also name the
@@ -40,12 +43,12 @@ _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
 
 @dataclass(frozen=True)
 class Site:
-    """One candidate op. ``weight`` is the get_attr node of its parameter."""
+    """One candidate op. ``weight`` is the get_attr node of its parameter (None for call_module sites)."""
 
     node: fx.Node
     kind: str
     module_path: str
-    weight: fx.Node
+    weight: Optional[fx.Node]
     weight_name: str            # attribute path of the parameter in the graph module
     in_features: int
     out_features: int
@@ -83,8 +86,27 @@ def _param(gm: fx.GraphModule, node: object) -> Optional[torch.nn.Parameter]:
     return obj if isinstance(obj, torch.nn.Parameter) else None
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, fx.Node, int, int]]:
-    """(kind, weight node, in_features, out_features) when ``node`` is a site, else None."""
+def _classify_module(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, None, str, int, int]]:
+    module = gm.get_submodule(str(node.target))
+    if type(module) is torch.nn.Linear:
+        return "linear", None, f"{node.target}.weight", module.in_features, module.out_features
+    if type(module) is torch.nn.Embedding:
+        return "embedding", None, f"{node.target}.weight", module.num_embeddings, module.embedding_dim
+    return None
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, Optional[fx.Node], str, int, int]]:
+    """(kind, weight node, weight name, in_features, out_features) when ``node`` is a site, else None."""
+    if node.op == "call_module":
+        return _classify_module(gm, node)
+    found = _classify_function(gm, node)
+    if found is None:
+        return None
+    kind, weight, fin, fout = found
+    return kind, weight, str(weight.target), fin, fout
+
+
+def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, fx.Node, int, int]]:
     t, a = node.target, node.args
     if t in _LINEAR and len(a) >= 2 and (p := _param(gm, a[1])) is not None and p.dim() == 2:
         return "linear", a[1], p.shape[1], p.shape[0]
@@ -112,15 +134,16 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every weight-matmul and embedding site of the graph, in graph order; inserted nodes are skipped."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or is_stamped(node):
+        if node.op not in ("call_function", "call_module") or is_stamped(node):
             continue
         found = _classify(gm, node)
         if found is None:
             continue
-        kind, weight, fin, fout = found
+        kind, weight, weight_name, fin, fout = found
         path, cls = module_stack_entry(node)
-        weight_name = str(weight.target)
-        if kind in PARAM_KINDS or not path:
+        if node.op == "call_module":
+            path, cls = str(node.target), type(gm.get_submodule(str(node.target))).__name__
+        elif kind in PARAM_KINDS or not path:
             path = path or weight_name.rpartition(".")[0]
         sites.append(Site(node, kind, path, weight, weight_name, int(fin), int(fout), cls))
     return sites

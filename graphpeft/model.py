@@ -68,7 +68,13 @@ class CapturedModel(nn.Module):
                 values[name] = _default_input(name, values)
         ordered = [values[n] for n in info.input_names]
         positional, named = ordered[:info.positional], dict(zip(info.input_names[info.positional:], ordered[info.positional:]))
-        out = gm(*positional, **named, **info.constants)
+        try:
+            out = gm(*positional, **named, **info.constants)
+        except AssertionError as exc:  # torch.export's shape guards
+            if not str(exc).startswith("Guard failed"):
+                raise
+            raise GraphPeftError(f"inputs do not fit the shapes the graph was captured for ({exc}); "
+                                 f"rewrite with example_inputs of the shapes you need") from None
         if labels is not None:
             out = _with_loss(out, labels, info)
         return out
@@ -190,6 +196,22 @@ class GraphPeftModel(CapturedModel):
         return CapturedModel(merged)
 
 
+def _own_module(gm: fx.GraphModule, path: str) -> nn.Module:
+    """The module at ``path`` in ``gm``, first replaced by a shallow copy of its own.
+
+    A GraphModule built over another one shares its call_module submodules (an nn.Linear of a
+    symbolically traced model); setting a merged weight on a shared module would change the original.
+    """
+    module = ensure_module(gm, path)
+    if not path:
+        return module
+    own = copy.copy(module)
+    own._parameters, own._buffers, own._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
+    parent_path, _, name = path.rpartition(".")
+    setattr(ensure_module(gm, parent_path), name, own)
+    return own
+
+
 def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Optional[fx.Node]) -> None:
     """Give ``anchor`` (or every reader when None) the weight ``value`` in place of ``attr``."""
     readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr]
@@ -197,7 +219,7 @@ def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Opti
     param = nn.Parameter(value.clone(), requires_grad=False)
     owner_path, _, leaf = attr.rpartition(".")
     if anchor is None or users <= {anchor}:
-        setattr(ensure_module(gm, owner_path), leaf, param)
+        setattr(_own_module(gm, owner_path), leaf, param)
         return
     # the weight is shared (tied embeddings): only this site reads the merged copy
     new_attr = f"{owner_path}.{leaf}_merged_{anchor.name}" if owner_path else f"{leaf}_merged_{anchor.name}"

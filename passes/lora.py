@@ -153,7 +153,7 @@ class LoraRule(Rule):
         b_attr = rw.add_parameter(f"{path}.lora_embedding_B.{name}", b.to(weight.dtype),
                                   f"base_model.model.{path}.lora_embedding_B")
         node = site.node
-        ids = node.args[1] if node.target is aten.embedding.default else node.args[0]
+        ids = node.args[1] if node.target is aten.embedding.default else node.args[0]  # F.embedding / nn.Embedding
         extra = tuple(node.args[2:]) if node.target is aten.embedding.default else ()
         a_t = rw.call(aten.t.default, rw.get_param(a_attr))
         h = rw.call(aten.embedding.default, a_t, ids, *extra)

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 import graphpeft
 from graphpeft.capture import capture_info
-from tests.models import BUILDERS, MLP, inputs_for, tiny_bert_cls
+from tests.models import BUILDERS, MLP, inputs_for, tiny_bert_cls, tiny_vit
 
 aten = torch.ops.aten
 ARCHS = ["llama", "gpt2", "bert", "distilbert", "vit", "whisper", "t5", "bart"]
@@ -249,3 +249,13 @@ def test_unexportable_module_raises_capture_error():
 def test_non_module_raises_capture_error():
     with pytest.raises(graphpeft.CaptureError, match="nn.Module"):
         graphpeft.capture(lambda x: x)
+
+
+def test_inputs_outside_the_captured_shapes_get_a_one_line_error():
+    """tiny ViT fixes the image size: the graph's shape guard becomes a GraphPeftError."""
+    model = tiny_vit()
+    peft_model = graphpeft.rewrite(model, graphpeft.LoraConfig())
+    size = model.config.image_size
+    with pytest.raises(graphpeft.GraphPeftError, match="captured for") as info:
+        peft_model(pixel_values=torch.randn(2, 3, size + 16, size + 16))
+    assert "\n" not in str(info.value)

@@ -17,7 +17,7 @@ from graphpeft.errors import GraphPeftError
 from graphpeft.match import STAMP
 from graphpeft.passes import LoraConfig, LoraPass
 from graphpeft.rewriter import get_attr_path
-from tests.models import EinsumModel, inputs_for, tiny_llama
+from tests.models import MLP, EinsumModel, inputs_for, tiny_llama
 
 
 def _close(actual, expected):
@@ -94,6 +94,22 @@ def test_lora_pass_on_symbolic_traced_module():
         w = model.mix.weight + (8 / 4) * b @ a
         expected = model.head(torch.relu(torch.einsum("bsi,oi->bso", x, w)))
         _close(gm(x), expected)
+
+
+def test_lora_pass_on_default_symbolic_trace_with_leaf_modules():
+    """fx.symbolic_trace keeps nn.Linear as call_module nodes: they are sites too, and merge leaves the original."""
+    model = MLP().eval()
+    x = torch.randn(3, 16)
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    assert [n.op for n in gm.graph.nodes if n.target == "fc1"] == ["call_module"]
+    result = LoraPass(LoraConfig(target_modules=["fc1", "fc2"], init_lora_weights=False))(gm)
+    assert [(r.module_path, r.kind) for r in result.records] == [("fc1", "linear"), ("fc2", "linear")]
+    assert not torch.allclose(gm(x), model(x), atol=1e-4)
+    peft_model = graphpeft.rewrite(fx.symbolic_trace(traced := copy.deepcopy(model)),
+                                   LoraConfig(target_modules=["fc1"], init_lora_weights=False))
+    before = traced.fc1.weight.detach().clone()
+    _close(peft_model.merge_and_unload()(x), peft_model(x))
+    assert torch.equal(traced.fc1.weight, before), "merging must not write into the traced model's modules"
 
 
 def test_second_application_changes_nothing(exported):
