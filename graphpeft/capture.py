@@ -79,12 +79,19 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
         signature=signature,
         model_class=type(model).__name__,
         hf_config=getattr(model, "config", None) if hf else None,
-        loss_type=getattr(model, "loss_type", None) if hf else None,
+        loss_type=(getattr(model, "loss_type", None) or _causal_lm_loss_type(model)) if hf else None,
         name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
     gm.meta[CAPTURE_META] = info
     set_train_mode(gm, model.training)
     return gm
+
+
+def _causal_lm_loss_type(model: nn.Module) -> Optional[str]:
+    """transformers computes a causal-LM loss when the class name gives no loss_type (GPT2LMHeadModel)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "ForCausalLM" if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else None
 
 
 def capture_info(gm: fx.GraphModule) -> Optional[CaptureInfo]:

@@ -61,6 +61,9 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)     # mkstemp made it 0600; saved files get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
