@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from graphpeft import registry
-from graphpeft.capture import capture, capture_info
+from graphpeft.capture import capture
 from graphpeft.errors import GraphPeftError
 from graphpeft.io import load_adapter_state, read_adapter
 from graphpeft.model import GraphPeftModel
 from graphpeft.pass_manager import run_passes
+from graphpeft.rewriter import copy_graph
 from graphpeft.trainable import apply_modules_to_save
 
 # PEFT's sequence-classification wrapper trains the head in full under these names.
@@ -28,7 +28,7 @@ def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_n
     """
     method = registry.method_for_config(config)
     gm = capture(model, example_inputs)
-    base_graph = copy.deepcopy(gm.graph)
+    base_graph = copy_graph(gm.graph)
     to_save = list(getattr(config, "modules_to_save", None) or [])
     if getattr(config, "task_type", None) == "SEQ_CLS":
         to_save += [h for h in _SEQ_CLS_HEADS if h not in to_save]

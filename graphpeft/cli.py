@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
 import sys
-import tempfile
 import traceback
 import typing
-import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from graphpeft import registry
 from graphpeft.errors import GraphPeftError
+from graphpeft.outputs import check_output, staged_output, write_json
+from graphpeft.report import print_params, print_records, rewrite_report
 
 PROG = "graphpeft"
 DEFAULT_METHOD = "lora"
@@ -255,70 +253,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, registry.Method
     return args, method
 
 
-# -- output folders -----------------------------------------------------------------------------
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder without --overwrite (checked before any work and again at the end)."""
-    if out.exists() and not out.is_dir():
-        raise GraphPeftError(f"output {out} exists and is not a folder; choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GraphPeftError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success rename it into place, on failure delete it.
-
-    With ``overwrite``, an existing ``out`` is renamed away, the new folder renamed in, then the old deleted.
-    """
-    out = Path(out).expanduser().absolute()
-    check_output(out, overwrite)
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        _remove_empty(created)
-        raise GraphPeftError(f"cannot write next to {out}: {exc.strerror or exc}; "
-                             f"choose a writable output path") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        yield tmp
-        check_output(out, overwrite)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
-        raise
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-
-
-# -- reporting ------------------------------------------------------------------------------------
+# -- commands ------------------------------------------------------------------------------------
 
 def _task_type(model: Any) -> Optional[str]:
     """PEFT's task_type for a transformers class whose head PEFT treats specially (else None)."""
@@ -332,53 +267,6 @@ def _task_type(model: Any) -> Optional[str]:
     return None
 
 
-def _param_label(rec: Any, attr: str) -> str:
-    short = attr[len(rec.module_path) + 1:] if attr.startswith(rec.module_path + ".") else attr
-    return short.replace(f".{rec.adapter}.", ".").replace(f".{rec.adapter}", "")
-
-
-def print_records(records: Sequence[Any], sites: dict[str, Any]) -> None:
-    """One line per rewritten site: module path, op kind, in -> out features, parameters added."""
-    width = max((len(r.module_path) for r in records), default=10)
-    for rec in records:
-        site = sites.get(rec.anchor) if rec.kind != "module" else None
-        shape = f"{site.in_features} -> {site.out_features}" if site is not None else "(whole module)"
-        added = ", ".join(f"{_param_label(rec, a)} {list(s)}" for a, s in rec.params.items())
-        print(f"  {rec.module_path:<{width}}  {rec.kind:<9} {shape:<14} + {added}")
-
-
-def print_params(model: Any) -> tuple[int, int]:
-    trainable, total = model.get_nb_trainable_parameters()
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-    return trainable, total
-
-
-def rewrite_report(command: str, method: registry.Method, model_name: str, model: Any, config: Any,
-                   peft_model: Any, n_candidates: int) -> dict:
-    """What OUT/rewrite.json holds: method, model, config, counts and every Rewrite record."""
-    from graphpeft import __version__
-
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    module_records = [r for r in peft_model.records if r.kind == "module"]
-    return {
-        "graphpeft_version": __version__,
-        "command": command,
-        "method": method.name,
-        "model": model_name,
-        "model_class": type(model).__name__,
-        "config": config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config),
-        "counts": {
-            "candidate_sites": n_candidates,
-            "rewritten_sites": len(peft_model.records) - len(module_records),
-            "modules_to_save": len(module_records),
-            "trainable_params": trainable,
-            "all_params": total,
-        },
-        "records": [r.to_json() for r in peft_model.records],
-    }
-
-
-# -- commands -------------------------------------------------------------------------------------
 
 def _model_name(model: Any, given: Optional[str]) -> str:
     return getattr(model.config, "_name_or_path", None) or given or "?"
@@ -435,7 +323,7 @@ def cmd_rewrite(args: argparse.Namespace, method: registry.Method) -> int:
     report = rewrite_report("rewrite", method, name, model, config, peft_model, len(candidates))
     with staged_output(args.output, args.overwrite) as tmp:
         peft_model.save_pretrained(str(tmp))
-        _write_json(tmp / "rewrite.json", report)
+        write_json(tmp / "rewrite.json", report)
     print(f"wrote {Path(args.output)}/ (adapter_config.json, adapter_model.safetensors, rewrite.json)")
     return 0
 
@@ -488,8 +376,8 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> int:
            "seed": args.seed, "epoch_losses": history.epoch_losses, "step_losses": history.step_losses}
     with staged_output(args.output, args.overwrite) as tmp:
         peft_model.save_pretrained(str(tmp))
-        _write_json(tmp / "rewrite.json", report)
-        _write_json(tmp / "train.json", log)
+        write_json(tmp / "rewrite.json", report)
+        write_json(tmp / "train.json", log)
     print(f"wrote {Path(args.output)}/ (adapter_config.json, adapter_model.safetensors, rewrite.json, train.json)")
     return 0
 

@@ -21,7 +21,7 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
-from graphpeft.rewriter import ensure_module
+from graphpeft.rewriter import copy_graph, ensure_module
 
 _IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
 _REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "past_key_values")
@@ -141,7 +141,7 @@ class GraphPeftModel(CapturedModel):
 
     def _base_module(self) -> fx.GraphModule:
         if getattr(self, "_base_cache", None) is None:
-            base = fx.GraphModule(self.graph_module, copy.deepcopy(self._base_graph), class_name="BaseGraph")
+            base = fx.GraphModule(self.graph_module, copy_graph(self._base_graph), class_name="BaseGraph")
             base.meta[CAPTURE_META] = capture_info(self.graph_module)
             self._base_cache = base
         set_train_mode(self._base_cache, self.training)
@@ -180,7 +180,7 @@ class GraphPeftModel(CapturedModel):
 
         The model's own weights are not changed: merged weights are new tensors in the returned module.
         """
-        graph = copy.deepcopy(self._base_graph)
+        graph = copy_graph(self._base_graph)
         merged = fx.GraphModule(self.graph_module, graph, class_name="MergedGraph")
         merged.meta[CAPTURE_META] = capture_info(self.graph_module)
         nodes = {n.name: n for n in graph.nodes}

@@ -34,7 +34,7 @@ def register_rule(rule_cls: type) -> type:
 
 
 def _load() -> None:
-    import graphpeft.passes  # noqa: F401  (registers every method)
+    import graphpeft.passes  # noqa: F401  (importing registers every method)
 
 
 def methods() -> dict[str, Method]:

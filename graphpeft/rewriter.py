@@ -8,6 +8,8 @@ graph module has none.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -23,6 +25,13 @@ REWRITTEN = STAMP + ".rewritten"   # anchor meta: [(rule, adapter)] that rewrote
 
 def was_rewritten(node: Any, rule_name: str, adapter: str) -> bool:
     return isinstance(node, fx.Node) and (rule_name, adapter) in node.meta.get(REWRITTEN, ())
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A deep copy of ``graph`` (node names and meta kept), without torch's pytree deprecation chatter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(graph)
 
 
 def get_attr_path(root: nn.Module, path: str) -> Any:

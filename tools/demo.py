@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import graphpeft  # noqa: E402
-from graphpeft import cli, hub  # noqa: E402
+from graphpeft import cli, hub, outputs  # noqa: E402
 from graphpeft.data import make_loader, read_jsonl  # noqa: E402
 from graphpeft.train import evaluate, train  # noqa: E402
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train(peft_model, train_loader, epochs=args.epochs, lr=args.lr, on_epoch=report)
     after = evaluate(peft_model, test_loader)
-    with cli.staged_output(out / "sentiment", overwrite=True) as tmp:
+    with outputs.staged_output(out / "sentiment", overwrite=True) as tmp:
         peft_model.save_pretrained(str(tmp))
     print(f"held-out accuracy: {before['accuracy']:.1%} before -> {after['accuracy']:.1%} after "
           f"({len(test_set)} rows); adapter saved to {out / 'sentiment'}/")

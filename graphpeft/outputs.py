@@ -1,0 +1,82 @@
+"""Output folders that are never half-written.
+
+``staged_output(OUT)`` yields a temporary folder next to OUT; on success it is renamed into place,
+on failure it is deleted. An existing non-empty OUT is refused unless ``overwrite``; then the old
+folder is renamed away, the new one renamed in, and only then the old one deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from graphpeft.errors import GraphPeftError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder without --overwrite (checked before any work and again at the end)."""
+    if out.exists() and not out.is_dir():
+        raise GraphPeftError(f"output {out} exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GraphPeftError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success rename it into place, on failure delete it.
+
+    With ``overwrite``, an existing ``out`` is renamed away, the new folder renamed in, then the old deleted.
+    """
+    out = Path(out).expanduser().absolute()
+    check_output(out, overwrite)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        _remove_empty(created)
+        raise GraphPeftError(f"cannot write next to {out}: {exc.strerror or exc}; "
+                             f"choose a writable output path") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        check_output(out, overwrite)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
