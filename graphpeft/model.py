@@ -52,7 +52,10 @@ class CapturedModel(nn.Module):
         if info is None or info.mode != "export" or info.signature is None:
             return gm(*args, **kwargs)
         values = _bind(info, args, kwargs)
-        labels = values.pop("labels", None) if info.loss_type else None
+        labels = values.pop("labels", None)
+        if labels is not None and not info.loss_type:
+            raise GraphPeftError(f"labels were given, but graphpeft knows no loss for {info.model_class}; "
+                                 f"call without labels and compute the loss from the outputs")
         for name in _IGNORED_ARGS:
             values.pop(name, None)
         for name in _REFUSED_FLAGS:
@@ -133,6 +136,7 @@ class GraphPeftModel(CapturedModel):
         self.active_adapter = next(iter(self.peft_config), "default")
         self._base_graph = base_graph
         self._disabled = False
+        self._base_cache: dict[str, fx.GraphModule] = {}   # a plain dict: not registered as a submodule
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -140,21 +144,23 @@ class GraphPeftModel(CapturedModel):
         return self._call(gm, args, kwargs)
 
     def _base_module(self) -> fx.GraphModule:
-        if getattr(self, "_base_cache", None) is None:
+        if "base" not in self._base_cache:
             base = fx.GraphModule(self.graph_module, copy_graph(self._base_graph), class_name="BaseGraph")
             base.meta[CAPTURE_META] = capture_info(self.graph_module)
-            self._base_cache = base
-        set_train_mode(self._base_cache, self.training)
-        return self._base_cache
+            self._base_cache["base"] = base
+        base = self._base_cache["base"]
+        set_train_mode(base, self.training)
+        return base
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes the base model's outputs (adapters and modules_to_save off)."""
-        self._disabled, self._base_cache = True, None
+        self._disabled = True
         try:
             yield
         finally:
-            self._disabled, self._base_cache = False, None
+            self._disabled = False
+            self._base_cache.clear()
 
     # -- parameters -------------------------------------------------------------------------------
     @property
