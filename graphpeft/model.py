@@ -52,7 +52,7 @@ class CapturedModel(nn.Module):
         if info is None or info.mode != "export" or info.signature is None:
             return gm(*args, **kwargs)
         values = _bind(info, args, kwargs)
-        labels = values.pop("labels", None)
+        labels = values.pop("labels", None) if "labels" not in info.input_names else None
         if labels is not None and not info.loss_type:
             raise GraphPeftError(f"labels were given, but graphpeft knows no loss for {info.model_class}; "
                                  f"call without labels and compute the loss from the outputs")

@@ -148,9 +148,9 @@ class LoraRule(Rule):
         if self.config.init_lora_weights is not False:
             nn.init.zeros_(a)
             nn.init.normal_(b)
-        a_attr = rw.add_parameter(f"{path}.lora_embedding_A.{name}", a.to(weight.dtype),
-                                  f"base_model.model.{path}.lora_embedding_A")
-        b_attr = rw.add_parameter(f"{path}.lora_embedding_B.{name}", b.to(weight.dtype),
+        a, b = a.to(device=weight.device, dtype=weight.dtype), b.to(device=weight.device, dtype=weight.dtype)
+        a_attr = rw.add_parameter(f"{path}.lora_embedding_A.{name}", a, f"base_model.model.{path}.lora_embedding_A")
+        b_attr = rw.add_parameter(f"{path}.lora_embedding_B.{name}", b,
                                   f"base_model.model.{path}.lora_embedding_B")
         node = site.node
         ids = node.args[1] if node.target is aten.embedding.default else node.args[0]  # F.embedding / nn.Embedding
