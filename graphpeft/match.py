@@ -8,6 +8,7 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     matmul     aten.matmul / torch.matmul with a parameter operand          custom layers
     einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
+    conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d
 
 and, in graphs traced with torch.fx's default leaf modules, ``call_module`` nodes of nn.Linear
 (kind linear) and nn.Embedding (kind embedding), whose weight has no get_attr node.
@@ -39,6 +40,7 @@ _LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
+CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str,
         return "addmm", a[2], p.shape[0], p.shape[1]
     if t is aten.mm.default and len(a) >= 2 and (p := _param(gm, a[1])) is not None:
         return "mm", a[1], p.shape[0], p.shape[1]
+    if t in CONV_OPS and len(a) >= 2 and (p := _param(gm, a[1])) is not None:
+        groups = a[6] if len(a) > 6 else node.kwargs.get("groups", 1)
+        return "conv", a[1], p.shape[1] * groups, p.shape[0]
     if t in _EMBEDDING:
         w = a[0] if t is aten.embedding.default else (a[1] if len(a) > 1 else node.kwargs.get("weight"))
         if (p := _param(gm, w)) is not None and p.dim() == 2:

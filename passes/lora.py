@@ -8,6 +8,7 @@ Maths (PEFT's lora.Linear): with W [out, in], A [r, in], B [out, r] and s = lora
 Sites and their forms:
 
     linear / addmm / mm (GPT-2 Conv1D, W stored [in, out])      factored branch, as above
+    conv (W [out, in, *k]; A [r, in, *k], B [out, r, 1..])        y + s * conv_1x1(conv(dropout(x), A), B)
     embedding (W [num, dim]; A [r, num], B [dim, r])              y + s * (A^T[ids]) B^T
     einsum / matmul on a bare parameter (PEFT target_parameters)  W -> W + s * B A inside the op
 
@@ -36,14 +37,14 @@ from torch import nn
 
 from graphpeft.config import TargetingConfig
 from graphpeft.errors import GraphPeftError
-from graphpeft.match import LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
+from graphpeft.match import CONV_OPS, LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule, RulePass
 
 aten = torch.ops.aten
-SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding",)
+SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding", "conv")
 
 
 @dataclass
@@ -109,6 +110,10 @@ class LoraRule(Rule):
     def check(self, site: Site) -> Optional[str]:
         if site.kind in PARAM_KINDS and self.config.lora_dropout:
             return "lora_dropout must be 0 on a bare parameter site (PEFT's target_parameters refuses it too)"
+        if site.kind == "conv":
+            args = _conv_args(site.node)
+            if args["groups"] != 1 or any(d != 1 for d in args["dilation"]) or isinstance(args["padding"], str):
+                return "grouped, dilated or string-padded convolutions are not supported yet"
         return None
 
     def rewrite(self, gm: fx.GraphModule, site: Site) -> Rewrite:
@@ -119,6 +124,8 @@ class LoraRule(Rule):
         weight = get_attr_path(gm, site.weight_name)
         if site.kind == "embedding":
             self._embedding(rw, site, r, scale, weight)
+        elif site.kind == "conv":
+            self._conv(rw, site, r, scale, weight)
         elif site.kind in PARAM_KINDS:
             self._parameter_site(rw, site, r, scale, weight)
         else:
@@ -163,6 +170,26 @@ class LoraRule(Rule):
         out = rw.call(aten.add.Tensor, node, h)
         rw.replace_uses(node, out)
 
+    def _conv(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
+        """PEFT's lora.Conv: A is a conv with the base kernel, stride and padding; B a 1x1 conv."""
+        path, name = site.module_path, self.adapter_name
+        kernel, conv = tuple(weight.shape[2:]), site.node.target
+        a_lin, b_lin = _init_pair(self.config.init_lora_weights, r, site.in_features * math.prod(kernel),
+                                  site.out_features, weight)
+        a = a_lin.reshape(r, site.in_features, *kernel)
+        b = b_lin.reshape(site.out_features, r, *([1] * len(kernel)))
+        a_attr = rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight")
+        b_attr = rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight")
+        args = _conv_args(site.node)
+        x = site.node.args[0]
+        if self.config.lora_dropout:
+            x = rw.call(aten.dropout.default, x, float(self.config.lora_dropout), rw.gm.training)
+        h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
+        h = rw.call(conv, h, rw.get_param(b_attr))
+        h = rw.call(aten.mul.Tensor, h, scale)
+        out = rw.call(aten.add.Tensor, site.node, h)
+        rw.replace_uses(site.node, out)
+
     def _parameter_site(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         path, name = site.param_owner, self.adapter_name
         a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
@@ -186,10 +213,19 @@ class LoraRule(Rule):
         else:
             a = next(get_attr_path(gm, k) for k in record.params if ".lora_A." in k)
             b = next(get_attr_path(gm, k) for k in record.params if ".lora_B." in k)
-            delta = b @ a
+            delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)   # conv: B is 1x1, so this is exact
             if info["layout"] == "in_out":
-                delta = delta.T
+                delta = (b @ a).T
         return {info["weight"]: (weight + float(info["scaling"]) * delta.detach()).to(weight.dtype)}
+
+
+def _conv_args(node: fx.Node) -> dict:
+    """stride, padding, dilation, groups of an aten.convNd call, with aten's defaults."""
+    dims = CONV_OPS[node.target]
+    names = ("stride", "padding", "dilation", "groups")
+    defaults = ([1] * dims, [0] * dims, [1] * dims, 1)
+    return {n: (node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(n, d))
+            for i, (n, d) in enumerate(zip(names, defaults))}
 
 
 def _init_pair(init, r: int, fin: int, fout: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

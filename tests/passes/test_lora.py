@@ -222,3 +222,35 @@ def test_tied_embedding_merges_into_its_own_copy(tmp_path):
     gm.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     torch.testing.assert_close(theirs(input_ids=ids).logits, gm(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c3 = nn.Conv1d(8, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.head(self.c3(h.flatten(2)).mean(-1))
+
+
+def test_conv_sites_match_peft_both_ways_and_merge(tmp_path):
+    torch.manual_seed(0)
+    net, x = SmallCNN().eval(), torch.randn(2, 3, 8, 8)
+    fields = dict(target_modules=["c1", "c2", "c3"], r=4, init_lora_weights=False)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(**fields)).eval()
+    pm.save_pretrained(tmp_path / "p")
+    ours = graphpeft.from_pretrained(copy.deepcopy(net), tmp_path / "p", example_inputs=(x,))
+    assert [r.kind for r in ours.records] == ["conv"] * 3
+    assert not torch.allclose(pm(x), net(x), atol=1e-3)
+    torch.testing.assert_close(ours(x), pm(x), atol=ATOL, rtol=0)
+    gm = graphpeft.rewrite(copy.deepcopy(net), graphpeft.LoraConfig(**fields), example_inputs=(x,)).eval()
+    gm.save_pretrained(tmp_path / "g")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "g").eval()
+    torch.testing.assert_close(theirs(x), gm(x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(gm.merge_and_unload()(x), gm(x), atol=ATOL, rtol=0)
+    assert gm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
