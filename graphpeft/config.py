@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -53,8 +52,8 @@ class AdapterConfig:
         if peft_type and cls.peft_type and str(peft_type).upper() != cls.peft_type:
             raise GraphPeftError(f"adapter_config.json has peft_type {peft_type!r}, expected {cls.peft_type!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unsupported = {k: v for k, v in data.items() if k not in names and v not in (None, False, {}, [], "")}
-        blocking = {k: v for k, v in unsupported.items() if k in getattr(cls, "unsupported_fields", ())}
+        blocking = {k: v for k, v in data.items()
+                    if k in getattr(cls, "unsupported_fields", ()) and v not in (None, False, {}, [], "")}
         if blocking:
             k, v = next(iter(blocking.items()))
             raise GraphPeftError(f"adapter_config.json sets {k}={v!r}, which graphpeft does not support yet; remove it or use PEFT")
@@ -62,9 +61,6 @@ class AdapterConfig:
             return cls(**{k: v for k, v in data.items() if k in names})
         except TypeError as exc:
             raise GraphPeftError(f"adapter_config.json does not fit {cls.__name__}: {exc}") from None
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 @dataclass

@@ -204,11 +204,13 @@ def target_matches(cfg: object, site: Site) -> bool:
     targets = getattr(cfg, "target_modules", None)
     if targets is None:
         return False
+    # a bare parameter site (einsum/matmul) may also be named by its parameter: "mix.weight"
+    names = (key, site.weight_name) if site.kind in PARAM_KINDS else (key,)
     if isinstance(targets, str):
-        return _matches(targets, key) or (site.kind in PARAM_KINDS and _matches(targets, site.weight_name))
-    if key in targets or site.weight_name in targets:
+        return any(_matches(targets, n) for n in names)
+    if any(n in targets for n in names):
         return True
-    found = any(key.endswith(f".{t}") or site.weight_name.endswith(f".{t}") for t in targets)
+    found = any(n.endswith(f".{t}") for n in names for t in targets)
     return found and _in_layers(key, cfg)
 
 

@@ -163,10 +163,6 @@ class GraphPeftModel(CapturedModel):
             self._base_cache.clear()
 
     # -- parameters -------------------------------------------------------------------------------
-    @property
-    def adapter_parameter_names(self) -> list[str]:
-        return [name for rec in self.records for name in rec.params]
-
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
