@@ -254,3 +254,44 @@ def test_conv_sites_match_peft_both_ways_and_merge(tmp_path):
     torch.testing.assert_close(theirs(x), gm(x), atol=ATOL, rtol=0)
     torch.testing.assert_close(gm.merge_and_unload()(x), gm(x), atol=ATOL, rtol=0)
     assert gm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_training_steps_follow_peft_with_dropout_on(arch, tmp_path):
+    """Train mode, model dropout and lora_dropout on, same seeds: 4 AdamW steps give PEFT's losses and adapters.
+
+    The inserted dropout sits right after its anchor, where PEFT's lora.Linear draws its mask, so even
+    the random streams line up.
+    """
+    from tests.models import tiny_bert_cls, tiny_llama
+
+    model = (tiny_bert_cls if arch == "bert" else tiny_llama)()
+    targets = ["query", "value"] if arch == "bert" else ["q_proj", "v_proj", "gate_proj"]
+    fields = dict(target_modules=targets, lora_dropout=0.1, init_lora_weights=False,
+                  task_type="SEQ_CLS" if arch == "bert" else None)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
+    pm.save_pretrained(tmp_path)
+    gm = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path, is_trainable=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (4, 9), generator=gen)
+    labels = torch.tensor([0, 1, 1, 0]) if arch == "bert" else ids
+    losses = {}
+    for name, m in (("peft", pm), ("graphpeft", gm)):
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(7)
+        losses[name] = []
+        for _ in range(4):
+            loss = m(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-6)
+    assert losses["peft"][-1] < losses["peft"][0]
+    theirs = {k.replace("base_model.model.", "").replace(".default", ""): p
+              for k, p in pm.named_parameters() if p.requires_grad}
+    ours = {k.replace("graph_module.", "").replace(".default", ""): p for k, p in gm.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0)
