@@ -295,3 +295,31 @@ def test_training_steps_follow_peft_with_dropout_on(arch, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0)
+
+
+class Twice(nn.Module):
+    """One projection applied twice (weight sharing across depth, as ALBERT does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.proj(torch.tanh(self.proj(x)))))
+
+
+def test_a_module_called_twice_shares_one_adapter_as_in_peft(tmp_path):
+    torch.manual_seed(0)
+    net, x = Twice().eval(), torch.randn(4, 8)
+    fields = dict(target_modules=["proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(**fields)).eval()
+    pm.save_pretrained(tmp_path)
+    gm = graphpeft.from_pretrained(copy.deepcopy(net), tmp_path, example_inputs=(x,))
+    assert [r.module_path for r in gm.records] == ["proj", "proj"]
+    assert len({tuple(r.params) for r in gm.records}) == 1, "both sites read the same adapter parameters"
+    torch.testing.assert_close(gm(x), pm(x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(gm.merge_and_unload()(x), gm(x), atol=ATOL, rtol=0)
+    fresh = graphpeft.rewrite(copy.deepcopy(net), graphpeft.LoraConfig(**fields), example_inputs=(x,))
+    assert fresh.get_nb_trainable_parameters() == peft.get_peft_model(
+        copy.deepcopy(net), peft.LoraConfig(**fields)).get_nb_trainable_parameters()
