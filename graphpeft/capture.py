@@ -195,6 +195,8 @@ def synthesize_inputs(model: nn.Module, batch: int = _EXAMPLE_BATCH, seq: int = 
         inputs["input_ids"] = torch.randint(0, int(vocab), (batch, seq), generator=gen)
         if "attention_mask" in params:
             inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        if "token_type_ids" in params and (_text_config_value(config, "type_vocab_size") or 0) > 0:
+            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)  # tokenizers return them
     elif main == "pixel_values":
         size = _as_pair(getattr(config, "image_size", 224))
         channels = getattr(config, "num_channels", 3)

@@ -259,3 +259,16 @@ def test_inputs_outside_the_captured_shapes_get_a_one_line_error():
     with pytest.raises(graphpeft.GraphPeftError, match="captured for") as info:
         peft_model(pixel_values=torch.randn(2, 3, size + 16, size + 16))
     assert "\n" not in str(info.value)
+
+
+def test_bert_takes_a_tokenizers_output_token_type_ids_included():
+    model = tiny_bert_cls()
+    peft_model = graphpeft.rewrite(model, graphpeft.LoraConfig()).eval()
+    assert "token_type_ids" in peft_model.capture_info.input_names
+    ids = torch.randint(0, 100, (2, 7))
+    types = torch.zeros_like(ids)
+    types[1, 3:] = 1                          # a sentence pair in the second row
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types}
+    torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+    # left out, it defaults to zeros as in transformers
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
