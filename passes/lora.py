@@ -133,15 +133,21 @@ class LoraRule(Rule):
         return rw.record(r=r, lora_alpha=alpha, scaling=scale, weight=site.weight_name,
                          layout="in_out" if site.kind in ("addmm", "mm") else "out_in")
 
-    # -- the three forms --------------------------------------------------------------------------
+    # -- the four forms ---------------------------------------------------------------------------
+    def _add_pair(self, rw: Rewriter, path: str, a: torch.Tensor, b: torch.Tensor) -> tuple[str, str]:
+        """Register A and B at PEFT's names; returns their attribute paths."""
+        name = self.adapter_name
+        return (rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight"),
+                rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight"))
+
+    def _dropout(self, rw: Rewriter, x: fx.Node) -> fx.Node:
+        p = float(self.config.lora_dropout)
+        return rw.call(aten.dropout.default, x, p, rw.gm.training) if p else x
+
     def _linear(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
-        path, name = site.module_path if site.kind not in PARAM_KINDS else site.param_owner, self.adapter_name
         a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
-        a_attr = rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight")
-        b_attr = rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight")
-        x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
-        if self.config.lora_dropout:
-            x = rw.call(aten.dropout.default, x, float(self.config.lora_dropout), rw.gm.training)
+        a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
+        x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
         h = rw.call(aten.linear.default, h, rw.get_param(b_attr))
         h = rw.call(aten.mul.Tensor, h, scale)
@@ -172,18 +178,14 @@ class LoraRule(Rule):
 
     def _conv(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         """PEFT's lora.Conv: A is a conv with the base kernel, stride and padding; B a 1x1 conv."""
-        path, name = site.module_path, self.adapter_name
         kernel, conv = tuple(weight.shape[2:]), site.node.target
         a_lin, b_lin = _init_pair(self.config.init_lora_weights, r, site.in_features * math.prod(kernel),
                                   site.out_features, weight)
         a = a_lin.reshape(r, site.in_features, *kernel)
         b = b_lin.reshape(site.out_features, r, *([1] * len(kernel)))
-        a_attr = rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight")
-        b_attr = rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight")
+        a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         args = _conv_args(site.node)
-        x = site.node.args[0]
-        if self.config.lora_dropout:
-            x = rw.call(aten.dropout.default, x, float(self.config.lora_dropout), rw.gm.training)
+        x = self._dropout(rw, site.node.args[0])
         h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
         h = rw.call(conv, h, rw.get_param(b_attr))
         h = rw.call(aten.mul.Tensor, h, scale)
@@ -191,10 +193,8 @@ class LoraRule(Rule):
         rw.replace_uses(site.node, out)
 
     def _parameter_site(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
-        path, name = site.param_owner, self.adapter_name
         a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
-        a_attr = rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight")
-        b_attr = rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight")
+        a_attr, b_attr = self._add_pair(rw, site.param_owner, a, b)
         rw.start_before(site.node)
         delta = rw.call(aten.mm.default, rw.get_param(b_attr), rw.get_param(a_attr))
         delta = rw.call(aten.mul.Tensor, delta, scale)
