@@ -362,7 +362,8 @@ def attention_input_projections(gm: fx.GraphModule, which: Iterable[str]) -> lis
 
 _SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
                aten.select.int, aten.contiguous.default, aten.clone.default, aten.to.dtype, aten.squeeze.dim,
-               aten._to_copy.default, aten.to.dtype_layout, aten.alias.default}
+               aten._to_copy.default, aten.to.dtype_layout, aten.alias.default,
+               aten.index.Tensor}   # a decoder classifier picks the last non-pad position by index
 
 
 def output_heads(gm: fx.GraphModule) -> list[str]:

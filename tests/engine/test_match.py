@@ -142,6 +142,21 @@ def test_all_linear_excludes_output_head(graphs, arch, head):
     assert len(paths) == n_linear - head_linears
 
 
+def test_output_heads_are_found_in_the_graph_without_a_task_type():
+    """The head is the linear op whose result reaches the output through shape ops (and the index a
+    decoder classifier uses to pick the last non-pad position)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from graphpeft.match import output_heads
+
+    llama_cls = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                                                           num_hidden_layers=1, num_attention_heads=4,
+                                                           num_key_value_heads=2, pad_token_id=0, num_labels=3))
+    assert output_heads(graphpeft.capture(llama_cls)) == ["score"]
+    assert output_heads(graphpeft.capture(BUILDERS["bert"]())) == ["classifier"]
+    assert output_heads(graphpeft.capture(BUILDERS["gpt2"]())) == ["lm_head"]
+
+
 @pytest.mark.parametrize("targets", ["q_proj", ["proj"], ["q"]])
 def test_no_partial_matches_like_peft(graphs, targets):
     """A str is a full regex match and list entries match whole dotted names: PEFT and graphpeft both find nothing."""
