@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from graphpeft.errors import AdapterFormatError, GraphPeftError
+from graphpeft.outputs import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,22 +53,6 @@ def resolved_config(model: Any, adapter_name: str) -> dict[str, Any]:
         data["base_model_name_or_path"] = info.name_or_path
     data["inference_mode"] = True
     return data
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)     # mkstemp made it 0600; saved files get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "default") -> Path:

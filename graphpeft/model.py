@@ -139,6 +139,11 @@ class GraphPeftModel(CapturedModel):
         self._base_cache: dict[str, fx.GraphModule] = {}   # a plain dict: not registered as a submodule
 
     # -- running --------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "GraphPeftModel":
+        super().train(mode)
+        self._base_cache.clear()      # the base graph is rebuilt in the new mode when next needed
+        return self
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         gm = self._base_module() if self._disabled else self.graph_module
         return self._call(gm, args, kwargs)
@@ -148,9 +153,8 @@ class GraphPeftModel(CapturedModel):
             base = fx.GraphModule(self.graph_module, copy_graph(self._base_graph), class_name="BaseGraph")
             base.meta[CAPTURE_META] = capture_info(self.graph_module)
             self._base_cache["base"] = base
-        base = self._base_cache["base"]
-        set_train_mode(base, self.training)
-        return base
+            set_train_mode(base, self.training)
+        return self._base_cache["base"]
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

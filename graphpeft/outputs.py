@@ -3,6 +3,7 @@
 ``staged_output(OUT)`` yields a temporary folder next to OUT; on success it is renamed into place,
 on failure it is deleted. An existing non-empty OUT is refused unless ``overwrite``; then the old
 folder is renamed away, the new one renamed in, and only then the old one deleted.
+``atomic_write(FILE, write)`` does the same for one file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from graphpeft.errors import GraphPeftError
+
+
+def _usual_mode(path: str | os.PathLike, full: int) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the mode a plain open/mkdir would: ``full & ~umask``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, full & ~umask)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        _usual_mode(tmp, 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -44,9 +66,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise GraphPeftError(f"cannot write next to {out}: {exc.strerror or exc}; "
                              f"choose a writable output path") from None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        _usual_mode(tmp, 0o777)
         yield tmp
         check_output(out, overwrite)
         _swap_in(tmp, out)
