@@ -21,7 +21,7 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
-from graphpeft.rewriter import copy_graph, ensure_module
+from graphpeft.rewriter import EXTRA_INPUTS, copy_graph, ensure_module
 
 _IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
 _REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "past_key_values")
@@ -49,8 +49,9 @@ class CapturedModel(nn.Module):
 
     def _call(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
         info = capture_info(gm)
+        extras = _extra_inputs(gm, kwargs)
         if info is None or info.mode != "export" or info.signature is None:
-            return gm(*args, **kwargs)
+            return gm(*args, **kwargs, **extras)
         values = _bind(info, args, kwargs)
         labels = values.pop("labels", None) if "labels" not in info.input_names else None
         if labels is not None and not info.loss_type:
@@ -72,7 +73,7 @@ class CapturedModel(nn.Module):
         ordered = [values[n] for n in info.input_names]
         positional, named = ordered[:info.positional], dict(zip(info.input_names[info.positional:], ordered[info.positional:]))
         try:
-            out = gm(*positional, **named, **info.constants)
+            out = gm(*positional, **named, **info.constants, **extras)
         except AssertionError as exc:  # torch.export's shape guards
             if not str(exc).startswith("Guard failed"):
                 raise
@@ -81,6 +82,16 @@ class CapturedModel(nn.Module):
         if labels is not None:
             out = _with_loss(out, labels, info)
         return out
+
+
+def _extra_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
+    """Inputs a pass added to the graph (e.g. task ids), taken out of ``kwargs``; each is required."""
+    wanted = gm.meta.get(EXTRA_INPUTS, {})
+    extras = {name: kwargs.pop(name) for name in list(kwargs) if name in wanted}
+    for name, missing_hint in wanted.items():
+        if extras.get(name) is None:
+            raise GraphPeftError(missing_hint)
+    return extras
 
 
 def _bind(info: CaptureInfo, args: tuple, kwargs: dict) -> dict:
@@ -111,6 +122,10 @@ def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo) -> Any:
 
     logits = out["logits"] if isinstance(out, dict) else out[0]
     fn, config = LOSS_MAPPING.get(info.loss_type), info.hf_config
+    if info.loss_type == "ForCausalLM" and logits.dim() == 3 and logits.shape[1] > labels.shape[1]:
+        # tokens were prepended inside the graph (virtual tokens): they are never predicted
+        pad = labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100)
+        labels = torch.cat([pad, labels], dim=1)
     if fn is None:
         raise GraphPeftError(f"no loss for {info.model_class} (loss_type {info.loss_type!r}); compute it from .logits")
     if info.loss_type == "ForSequenceClassification":
@@ -145,8 +160,11 @@ class GraphPeftModel(CapturedModel):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        gm = self._base_module() if self._disabled else self.graph_module
-        return self._call(gm, args, kwargs)
+        if not self._disabled:
+            return self._call(self.graph_module, args, kwargs)
+        for name in self.graph_module.meta.get(EXTRA_INPUTS, {}):   # inputs only the adapters read
+            kwargs.pop(name, None)
+        return self._call(self._base_module(), args, kwargs)
 
     def _base_module(self) -> fx.GraphModule:
         if "base" not in self._base_cache:
@@ -186,6 +204,10 @@ class GraphPeftModel(CapturedModel):
 
         The model's own weights are not changed: merged weights are new tensors in the returned module.
         """
+        unmergeable = sorted({r.rule for r in self.records if not registry.rule(r.rule).mergeable})
+        if unmergeable:
+            raise GraphPeftError(f"{unmergeable[0]} adds tokens, not a weight update: it cannot be merged into "
+                                 f"the weights; keep the adapter model as it is")
         graph = copy_graph(self._base_graph)
         merged = fx.GraphModule(self.graph_module, graph, class_name="MergedGraph")
         merged.meta[CAPTURE_META] = capture_info(self.graph_module)

@@ -21,6 +21,7 @@ from graphpeft.result import Rewrite
 
 
 REWRITTEN = STAMP + ".rewritten"   # anchor meta: [(rule, adapter)] that rewrote it
+EXTRA_INPUTS = STAMP + ".extra_inputs"   # gm meta: {input name: message when it is missing}
 
 
 def was_rewritten(node: Any, rule_name: str, adapter: str) -> bool:
@@ -111,6 +112,22 @@ class Rewriter:
     def start_before(self, node: fx.Node) -> None:
         """Insert the next nodes just before ``node`` (e.g. to compute a new operand of the anchor)."""
         self._cursor = node.prev
+
+    def add_input(self, name: str, missing_hint: str) -> fx.Node:
+        """A new graph input (keyword argument) ``name``, e.g. task ids; the caller must then pass it.
+
+        ``missing_hint`` is the one-line error raised when a call omits it. Adding it twice returns the
+        same placeholder.
+        """
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for node in placeholders:
+            if node.target == name:
+                return node
+        with self.graph.inserting_after(placeholders[-1]) if placeholders else self.graph.inserting_before(None):
+            node = self.graph.placeholder(name)
+        node.meta[STAMP] = {"rule": self.rule_name, "adapter": self.adapter, "anchor": self.anchor.name}
+        self.gm.meta.setdefault(EXTRA_INPUTS, {})[name] = missing_hint
+        return node
 
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         """Every user of ``old`` except the inserted nodes now reads ``new``."""

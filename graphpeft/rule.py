@@ -27,6 +27,8 @@ class Rule:
     """Base class of every rule. Subclasses set ``name`` and implement the three parts."""
 
     name: ClassVar[str] = ""
+    # False for rules whose change is not a weight update (prompt or prefix tokens): merge refuses them
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, config: Any, adapter_name: str = "default"):
         self.config = config
