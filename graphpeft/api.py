@@ -13,18 +13,24 @@ from graphpeft.capture import capture
 from graphpeft.errors import GraphPeftError
 from graphpeft.io import load_adapter_state, read_adapter
 from graphpeft.model import GraphPeftModel
+from graphpeft.optimize import optimize_graph
 from graphpeft.pass_manager import run_passes
-from graphpeft.rewriter import copy_graph
+from graphpeft.rewriter import copy_graph, get_attr_path
 from graphpeft.trainable import apply_modules_to_save
 
 # PEFT's sequence-classification wrapper trains the head in full under these names.
 _SEQ_CLS_HEADS = ("classifier", "score")
 
 
-def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_name: str = "default") -> GraphPeftModel:
+def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_name: str = "default",
+            optimize: bool = True) -> GraphPeftModel:
     """Capture ``model`` (unless it is already an fx.GraphModule), run the config's pass, freeze the base.
 
-    Returns a GraphPeftModel that takes the model's arguments and returns its output type.
+    Returns a GraphPeftModel that takes the model's arguments and returns its output type. With
+    ``optimize`` (the default) the result-preserving graph optimisations of ``graphpeft.optimize`` run
+    on the rewritten graph (identity dropout dropped, scaling folded into the small weight, adapter
+    projections that share an input fused); a model on the meta device is rewritten the same way and
+    gets its weights later with ``graphpeft.materialize``.
     """
     method = registry.method_for_config(config)
     gm = capture(model, example_inputs)
@@ -41,8 +47,12 @@ def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_n
     gm = result.graph_module
     records = list(result.records)
     if to_save:
-        records += apply_modules_to_save(gm, to_save, adapter_name)
-    trainable = {name for rec in records for name in rec.params}
+        records += apply_modules_to_save(gm, to_save, adapter_name, {p for rec in records for p in rec.params},
+                                        key_prefix=getattr(config, "saved_key_prefix", "base_model.model."))
+    if optimize:
+        optimize_graph(gm)
+    # what the passes added trains, except parameters a rule registered frozen (requires_grad=False)
+    trainable = {name for rec in records for name in rec.params if get_attr_path(gm, name).requires_grad}
     for name, param in gm.named_parameters():
         param.requires_grad_(name in trainable)
     out = GraphPeftModel(gm, {adapter_name: config}, tuple(records), base_graph)
@@ -62,7 +72,7 @@ def from_pretrained(model: nn.Module, adapter_dir: str, example_inputs: Any = No
     config.inference_mode = not is_trainable
     if not isinstance(model, nn.Module):
         raise GraphPeftError(f"from_pretrained needs a torch.nn.Module, got {type(model).__name__}")
-    peft_model = rewrite(model, _loadable(config), example_inputs, adapter_name)
+    peft_model = rewrite(model, config.for_loading(), example_inputs, adapter_name)
     peft_model.peft_config[adapter_name] = config
     load_adapter_state(peft_model, tensors, adapter_name)
     if not is_trainable:
@@ -71,10 +81,3 @@ def from_pretrained(model: nn.Module, adapter_dir: str, example_inputs: Any = No
         peft_model.eval()
     return peft_model
 
-
-def _loadable(config: Any) -> Any:
-    """A saved config needs no random init: skip it (the file's weights replace it)."""
-    loadable = copy.copy(config)
-    if hasattr(loadable, "init_lora_weights"):
-        loadable.init_lora_weights = False
-    return loadable

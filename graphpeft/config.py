@@ -34,6 +34,11 @@ class AdapterConfig:
     def validate(self) -> None:
         """Raise GraphPeftError for a field value PEFT would refuse."""
 
+    def for_loading(self) -> "AdapterConfig":
+        """The config to rewrite with before loading saved weights: a method whose initialisation is
+        costly or needs outside input (a tokenizer) returns a copy that skips it."""
+        return self
+
     # -- adapter_config.json ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {"peft_type": self.peft_type}
@@ -92,3 +97,47 @@ class TargetingConfig(AdapterConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list)):
                 raise GraphPeftError(f"{name} must be a list of module names or a regex string, got {type(value).__name__}")
+
+
+@dataclass
+class PromptLearningConfig(AdapterConfig):
+    """Fields of the methods that add virtual tokens (PEFT's ``PromptLearningConfig``).
+
+    num_virtual_tokens          how many positions the adapter puts in front of the sequence (required)
+    token_dim                   the token embedding size; None: read from the graph's embedding lookup
+    num_transformer_submodules  1, or 2 for encoder-decoders (PEFT's default with task_type SEQ_2_SEQ_LM)
+    num_attention_heads, num_layers   written to adapter_config.json as PEFT does; None: from the model
+    modules_to_save             modules trained in full and saved with the adapter
+
+    The model itself is left unwrapped by these methods in PEFT, so whole modules are saved under
+    ``base_model.<module path>`` (no ``.model.``): ``saved_key_prefix``.
+    """
+
+    saved_key_prefix: ClassVar[str] = "base_model."
+
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={
+        "cli": "--num-virtual-tokens", "help": "virtual tokens put in front of the input sequence"})
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
+
+    def validate(self) -> None:
+        n = self.num_virtual_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise GraphPeftError(f"num_virtual_tokens must be a positive integer, got {n!r} "
+                                 f"(--num-virtual-tokens N on the command line)")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise GraphPeftError(f"num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
+        if self.token_dim is not None and (not isinstance(self.token_dim, int) or self.token_dim <= 0):
+            raise GraphPeftError(f"token_dim must be a positive integer or None, got {self.token_dim!r}")
+
+    def total_virtual_tokens(self) -> int:
+        """Rows of the prompt table: num_virtual_tokens per transformer submodule (PEFT's default count)."""
+        return self.num_virtual_tokens * self.transformer_submodules()
+
+    def transformer_submodules(self) -> int:
+        if self.num_transformer_submodules is not None:
+            return self.num_transformer_submodules
+        return 2 if self.task_type == "SEQ_2_SEQ_LM" else 1

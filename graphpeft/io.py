@@ -33,6 +33,13 @@ def adapter_state(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
         for attr, key in rec.saved_keys.items():
             if rec.adapter == adapter_name:
                 state[key] = get_attr_path(model.graph_module, attr).detach().contiguous().cpu()
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is not None:      # a method may store its state differently from memory (e.g. pruned ranks)
+        from graphpeft import registry
+
+        hook = getattr(registry.method_for_config(config).pass_cls, "saved_state", None)
+        if hook is not None:
+            state = hook(model, adapter_name, config, state)
     return state
 
 
@@ -48,6 +55,10 @@ def resolved_config(model: Any, adapter_name: str) -> dict[str, Any]:
         data["target_parameters"] = param_sites or None
         if module_sites and all(r.kind in ("addmm", "mm") for r in mine if r.module_path in module_sites):
             data["fan_in_fan_out"] = True
+    from graphpeft import registry
+
+    for rule_name in sorted({r.rule for r in mine}):
+        data = registry.rule(rule_name).saved_config(data, [r for r in mine if r.rule == rule_name])
     info = model.capture_info
     if not data.get("base_model_name_or_path") and info is not None:
         data["base_model_name_or_path"] = info.name_or_path
@@ -139,6 +150,6 @@ def _strip_adapter_name(key: str, adapter_name: str) -> str:
     for suffix in (f".{adapter_name}.weight", f".{adapter_name}.bias"):
         if key.endswith(suffix):
             return key[: -len(suffix)] + suffix[len(adapter_name) + 1:]
-    if key.endswith(f".{adapter_name}") and (".lora_" in key or ".modules_to_save." in key):
+    if key.endswith(f".{adapter_name}"):
         return key[: -len(adapter_name) - 1]
     return key.replace(f".modules_to_save.{adapter_name}.", ".")

@@ -23,14 +23,15 @@ from graphpeft.rule import Rule
 RULE = "modules_to_save"
 
 
-def _selected_modules(gm: fx.GraphModule, names: Iterable[str]) -> list[str]:
+def _selected_modules(gm: fx.GraphModule, names: Iterable[str], adapter_params: set[str]) -> list[str]:
     names = list(names or ())
     chosen: list[str] = []
-    for path, _ in gm.named_modules():
+    for path, module in gm.named_modules():
         if not path or any(path.startswith(c + ".") for c in chosen):
             continue
-        if ".modules_to_save." in f".{path}." or ".lora_" in f".{path}":
-            continue
+        own = [f"{path}.{name}" for name, _ in module.named_parameters()]
+        if ".modules_to_save." in f".{path}." or (own and set(own) <= adapter_params):
+            continue  # a container a pass made for its adapter parameters
         if any(re.match(rf"(^|.*\.){re.escape(n)}$", path) for n in names):
             chosen.append(path)
     return chosen
@@ -46,9 +47,15 @@ class ModulesToSave(Rule):
         return {record.info[attr]: get_attr_path(gm, attr).detach() for attr in record.params}
 
 
-def apply_modules_to_save(gm: fx.GraphModule, names: Iterable[str], adapter: str = "default") -> list[Rewrite]:
+def apply_modules_to_save(gm: fx.GraphModule, names: Iterable[str], adapter: str = "default",
+                          adapter_params: Iterable[str] = (), key_prefix: str = "base_model.model.") -> list[Rewrite]:
+    """Clone the parameters of every module named in ``names`` (not the passes' own ``adapter_params``).
+
+    They are saved as ``<key_prefix><module path>.<name>`` (PEFT: ``base_model.`` for methods that
+    leave the model unwrapped, the prompt-learning ones).
+    """
     records = []
-    for path in _selected_modules(gm, names):
+    for path in _selected_modules(gm, names, set(adapter_params)):
         readers = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(path + ".")
                    and isinstance(get_attr_path(gm, str(n.target)), torch.nn.Parameter)]
         if not readers or any((RULE, adapter) in n.meta.get(REWRITTEN, ()) for n in readers):
@@ -59,7 +66,7 @@ def apply_modules_to_save(gm: fx.GraphModule, names: Iterable[str], adapter: str
             leaf = str(node.target)[len(path) + 1:]
             attr = f"{path}.modules_to_save.{adapter}.{leaf}"
             original = get_attr_path(gm, str(node.target))
-            rw.add_parameter(attr, original.detach().clone(), f"base_model.model.{path}.{leaf}")
+            rw.add_parameter(attr, original.detach().clone(), f"{key_prefix}{path}.{leaf}")
             originals[attr] = str(node.target)
             rw.retarget(node, attr)
         records.append(rw.record(**originals))

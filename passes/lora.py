@@ -26,6 +26,7 @@ Parameters live at PEFT's in-memory names (``<path>.lora_A.<adapter>.weight``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class LoraConfig(TargetingConfig):
             raise GraphPeftError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
             raise GraphPeftError("use_rslora cannot be combined with rank_pattern or alpha_pattern (PEFT refuses it too)")
+
+    def for_loading(self) -> "LoraConfig":
+        return dataclasses.replace(self, init_lora_weights=False)
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
