@@ -11,13 +11,19 @@ from graphpeft.api import from_pretrained, rewrite
 from graphpeft.capture import capture, set_train_mode, synthesize_inputs
 from graphpeft.errors import AdapterFormatError, CaptureError, GraphPeftError, NoMatchError
 from graphpeft.model import CapturedModel, GraphPeftModel
-from graphpeft.passes import LoraConfig
+from graphpeft.passes import AdaLoraConfig, IA3Config, LoraConfig
+from graphpeft.passes import PromptTuningConfig
+from graphpeft.passes import PromptEncoderConfig
+from graphpeft.passes import MultitaskPromptTuningConfig
+from graphpeft.passes import PrefixTuningConfig
 from graphpeft.result import PassResult, Rewrite
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFormatError", "CaptureError", "CapturedModel", "GraphPeftError", "GraphPeftModel", "LoraConfig",
+    "AdaLoraConfig", "AdapterFormatError", "CaptureError", "CapturedModel", "GraphPeftError", "GraphPeftModel", "IA3Config", "LoraConfig",
     "NoMatchError", "PassResult", "Rewrite", "capture", "from_pretrained", "rewrite", "set_train_mode",
     "synthesize_inputs", "__version__",
+    "PrefixTuningConfig",
+    "PromptTuningConfig", "PromptEncoderConfig", "MultitaskPromptTuningConfig",
 ]

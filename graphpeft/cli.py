@@ -3,6 +3,8 @@
     graphpeft inspect [MODEL]                                   candidate sites, and which the method takes
     graphpeft rewrite [MODEL] [-o OUT] [--method lora --r 8 --alpha 16 --targets query value]
     graphpeft train OUT --data FILE.jsonl [MODEL] [--epochs 3 --lr 1e-3 ...]
+    graphpeft export ADAPTER [MODEL] --onnx [--unmerged] | --onnx-training [--optimizer sgd ...]
+    graphpeft edge-train ARTIFACTS --data FILE.jsonl [-o OUT]     ONNX Runtime training (extra 'onnx')
 
 MODEL is a local Hugging Face model folder or a hub id; without it, the embedded default model
 (sentence-transformers/all-MiniLM-L6-v2) is used. Methods are reached only through the registry:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import traceback
@@ -86,16 +89,17 @@ def _number(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _targets(values: list[str]) -> str | list[str]:
-    """``--targets`` values: one or more module names (commas allowed), or a single regex / "all-linear"."""
+def _targets(values: list[str], flag: str = "--targets") -> str | list[str]:
+    """Values of ``--targets`` (or another module-list option): one or more module names (commas
+    allowed), or a single regex / "all-linear"."""
     regexes = [v for v in values if _REGEX_CHARS & set(v) or v.lower() == "all-linear"]
     if regexes and len(values) > 1:
-        raise GraphPeftError(f"--targets: {regexes[0]!r} is a regex or 'all-linear', which must be the only value")
+        raise GraphPeftError(f"{flag}: {regexes[0]!r} is a regex or 'all-linear', which must be the only value")
     if regexes:
         return values[0]
     names = [part.strip() for v in values for part in v.split(",") if part.strip()]
     if not names:
-        raise GraphPeftError("--targets needs at least one module name")
+        raise GraphPeftError(f"{flag} needs at least one module name")
     return names
 
 
@@ -132,7 +136,7 @@ def add_method_options(parser: argparse.ArgumentParser, method: registry.Method)
     for f in _cli_fields(method):
         kind, default = _field_kind(hints[f.name]), _field_default(f)
         help_text = f.metadata.get("help", f.name.replace("_", " "))
-        shown = "the method's default sites" if default is None else default
+        shown = default if default is not None else ("the method's default sites" if kind == "targets" else "unset")
         flag = f.metadata["cli"]
         common = {"dest": f"method_{f.name}", "default": None, "help": f"{help_text} (default: {shown})"}
         if kind is not bool:
@@ -153,12 +157,14 @@ def add_method_options(parser: argparse.ArgumentParser, method: registry.Method)
 def build_config(method: registry.Method, args: argparse.Namespace, **extra: Any) -> Any:
     """The method's config from its CLI options (and ``extra`` fields the config has)."""
     names = {f.name for f in dataclasses.fields(method.config_cls)}
+    hints = typing.get_type_hints(method.config_cls)
     values = {}
     for f in _cli_fields(method):
         value = getattr(args, f"method_{f.name}", None)
         if value is not None:
-            values[f.name] = _targets(value) if f.metadata["cli"] == "--targets" else value
-    values.update({k: v for k, v in extra.items() if k in names and v is not None})
+            values[f.name] = _targets(value, f.metadata["cli"]) if _field_kind(hints[f.name]) == "targets" else value
+    # extras fill fields the command line left unset; an option the user gave wins
+    values.update({k: v for k, v in extra.items() if k in names and v is not None and k not in values})
     try:
         return method.config_cls(**values)
     except TypeError as exc:
@@ -194,7 +200,8 @@ def make_parser(method: registry.Method) -> argparse.ArgumentParser:
     epilog = (f"methods (--method):\n{methods}\n\nexamples:\n"
               f"  graphpeft inspect path/to/model\n"
               f"  graphpeft rewrite path/to/model -o adapter --r 16 --alpha 32 --targets all-linear\n"
-              f"  graphpeft train adapter --data train.jsonl path/to/model --epochs 3 --lr 1e-3\n\n"
+              f"  graphpeft train adapter --data train.jsonl path/to/model --epochs 3 --lr 1e-3\n"
+              f"  graphpeft export adapter --onnx-training && graphpeft edge-train adapter/onnx-training --data train.jsonl\n\n"
               f"Without MODEL the embedded sentence-transformers/all-MiniLM-L6-v2 is used.\n"
               f"'graphpeft COMMAND --help' lists a command's options.")
     parser = _Parser(prog=PROG, allow_abbrev=False, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -214,6 +221,9 @@ def make_parser(method: registry.Method) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT", default=DEFAULT_OUT,
                    help=f"output folder (default: ./{DEFAULT_OUT}); must be absent or empty unless --overwrite")
     _out_options(p)
+    p.add_argument("--meta", action="store_true",
+                   help="build the model from its config on the meta device (no weights are read) and write "
+                        "OUT/adapter_config.json and OUT/rewrite.json only; graphpeft.materialize loads weights later")
 
     p = sub.add_parser("train", allow_abbrev=False, help="train an adapter on a JSONL file and save it",
                        description="Train an adapter on JSON Lines data: rows {\"text\": ...} train a causal LM, rows "
@@ -230,7 +240,66 @@ def make_parser(method: registry.Method) -> argparse.ArgumentParser:
                    help="truncate rows to this many tokens, at most the model's max_position_embeddings (default: 128)")
     p.add_argument("--seed", type=_int, default=0, help="seed for weights init and data order (default: 0)")
     _out_options(p)
+    _add_edge_commands(sub)
     return parser
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _add_edge_commands(sub: Any) -> None:
+    """``export`` (ONNX inference model / ONNX Runtime training artifacts) and ``edge-train`` (needs the 'onnx' extra)."""
+    p = sub.add_parser("export", allow_abbrev=False, help="export an adapter folder to ONNX (inference or training)",
+                       description="Export the rewritten graph of an adapter folder (written by rewrite or train) "
+                                   "to ONNX: --onnx writes ADAPTER/onnx/model.onnx (adapters merged, or kept as named "
+                                   "initializers with --unmerged); --onnx-training writes ONNX Runtime training "
+                                   "artifacts to ADAPTER/onnx-training/ in which only the adapter is trainable. "
+                                   "Needs the optional extra: pip install 'graphpeft[onnx]'.")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder written by 'graphpeft rewrite' or 'graphpeft train'")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="base model folder or hub id (default: the model named in ADAPTER/rewrite.json)")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--onnx", action="store_true", help="an ONNX inference model")
+    kind.add_argument("--onnx-training", action="store_true", help="ONNX Runtime training artifacts")
+    p.add_argument("--unmerged", action="store_true",
+                   help="--onnx: keep the adapter weights as named initializers instead of merging them")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="--onnx-training: the optimizer model (default: adamw, Hugging Face's AdamW formula)")
+    p.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0,
+                   help="--onnx-training: clip the gradient norm (default: 1.0, as 'graphpeft train'; 0: off)")
+    p.add_argument("--nominal-checkpoint", action="store_true",
+                   help="--onnx-training: also write nominal_checkpoint (names and shapes, no weights)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="output folder (default: ADAPTER/onnx or ADAPTER/onnx-training); absent or empty unless "
+                        "--overwrite")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own Python code to run (off by default)")
+    _out_options(p)
+
+    p = sub.add_parser("edge-train", allow_abbrev=False, help="train with ONNX Runtime on exported artifacts",
+                       description="Train the adapter with the ONNX Runtime training API on the artifacts of "
+                                   "'graphpeft export --onnx-training', on JSONL rows as 'graphpeft train' reads "
+                                   "them, and write the trained adapter in PEFT's format. Needs the optional extra: "
+                                   "pip install 'graphpeft[onnx]'.")
+    p.add_argument("artifacts", metavar="ARTIFACTS", help="folder written by 'graphpeft export ADAPTER --onnx-training'")
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL training data")
+    p.add_argument("-o", "--output", metavar="OUT", default="graphpeft-edge-out",
+                   help="output folder for the trained adapter (default: ./graphpeft-edge-out)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the data (default: 3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="initial learning rate, decayed linearly to 0 (default: 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per step (default: 8)")
+    p.add_argument("--max-length", type=_positive_int, default=128,
+                   help="truncate rows to this many tokens, at most the model's max_position_embeddings (default: 128)")
+    p.add_argument("--seed", type=_int, default=0, help="seed for data order and dropout (default: 0)")
+    _out_options(p)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, registry.Method]:
@@ -310,7 +379,11 @@ def cmd_rewrite(args: argparse.Namespace, method: registry.Method) -> int:
 
     build_config(method, args)                      # bad options fail before the model is loaded
     check_output(Path(args.output).expanduser(), args.overwrite)
-    model = hub.load_model(args.model, task="auto", trust_remote_code=args.trust_remote_code)
+    if args.meta:
+        from graphpeft.meta import meta_model
+        model = meta_model(args.model, trust_remote_code=args.trust_remote_code)
+    else:
+        model = hub.load_model(args.model, task="auto", trust_remote_code=args.trust_remote_code)
     name = _model_name(model, args.model)
     config = build_config(method, args, task_type=_task_type(model), base_model_name_or_path=name)
     gm = _capture(model, name)
@@ -322,9 +395,15 @@ def cmd_rewrite(args: argparse.Namespace, method: registry.Method) -> int:
     print_params(peft_model)
     report = rewrite_report("rewrite", method, name, model, config, peft_model, len(candidates))
     with staged_output(args.output, args.overwrite) as tmp:
-        peft_model.save_pretrained(str(tmp))
+        if args.meta:             # no weights exist yet: the resolved config and the records only
+            from graphpeft.meta import save_config
+            save_config(peft_model, tmp)
+        else:
+            peft_model.save_pretrained(str(tmp))
         write_json(tmp / "rewrite.json", report)
-    print(f"wrote {Path(args.output)}/ (adapter_config.json, adapter_model.safetensors, rewrite.json)")
+    files = "adapter_config.json, rewrite.json; no weights (--meta)" if args.meta else \
+        "adapter_config.json, adapter_model.safetensors, rewrite.json"
+    print(f"wrote {Path(args.output)}/ ({files})")
     return 0
 
 
@@ -338,12 +417,14 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> int:
     from graphpeft.train import train
 
     data = read_jsonl(args.data)
+    # a config that needs the training length (a field total_step) gets the number of optimizer steps
+    steps = args.epochs * math.ceil(len(data) / args.batch_size)
     if args.adapter:
         given = _method_options_given(method, args)
         if given:
             raise GraphPeftError(f"--adapter takes its options from its adapter_config.json; drop {' '.join(given)}")
     else:
-        build_config(method, args)
+        build_config(method, args, total_step=steps)
     check_output(Path(args.output).expanduser(), args.overwrite)
     torch.manual_seed(args.seed)
     tokenizer = hub.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -359,14 +440,18 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> int:
         config = next(iter(peft_model.peft_config.values()))
         method = registry.method_for_config(config)
     else:
-        config = build_config(method, args, task_type=_task_type(model), base_model_name_or_path=name)
+        config = build_config(method, args, task_type=_task_type(model), base_model_name_or_path=name,
+                              total_step=steps)
         peft_model = graphpeft.rewrite(gm, config)
     task = f"{data.task}, {data.num_labels} labels" if data.task == SEQ_CLS else data.task
     print(f"data: {args.data} ({len(data)} rows, {task})")
     print(f"model: {name} ({type(model).__name__}); {method.name} on {len(peft_model.records)} sites:")
     print_records(peft_model.records, candidates)
     print_params(peft_model)
-    max_length = min(args.max_length, getattr(model.config, "max_position_embeddings", None) or args.max_length)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions:   # virtual tokens a method puts in front of the text take positions too
+        max_positions -= getattr(config, "num_virtual_tokens", None) or 0
+    max_length = min(args.max_length, max_positions or args.max_length)
     loader = make_loader(data, tokenizer, batch_size=args.batch_size, max_length=max_length, seed=args.seed)
     history = train(peft_model, loader, epochs=args.epochs, lr=args.lr,
                     on_epoch=lambda i, loss: print(f"epoch {i + 1}/{args.epochs}: mean loss {loss:.4f}", flush=True))
@@ -382,7 +467,20 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> int:
     return 0
 
 
-_COMMANDS = {"inspect": cmd_inspect, "rewrite": cmd_rewrite, "train": cmd_train}
+def cmd_export(args: argparse.Namespace, method: registry.Method) -> int:
+    from graphpeft.export.commands import run_export
+
+    return run_export(args)
+
+
+def cmd_edge_train(args: argparse.Namespace, method: registry.Method) -> int:
+    from graphpeft.export.commands import run_edge_train
+
+    return run_edge_train(args)
+
+
+_COMMANDS = {"inspect": cmd_inspect, "rewrite": cmd_rewrite, "train": cmd_train, "export": cmd_export,
+             "edge-train": cmd_edge_train}
 
 
 # -- entry point ----------------------------------------------------------------------------------

@@ -283,6 +283,7 @@ class AttentionSite:
     key: fx.Node
     value: fx.Node
     kind: str                 # "sdpa" or "eager"
+    scores: Optional[fx.Node] = None   # eager only: the matmul(q, k^T) whose second operand is ``key``
 
 
 def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
@@ -320,7 +321,7 @@ def _eager_attention(pv: fx.Node) -> Optional[AttentionSite]:
         scores, hops = (scores.args[0] if scores.args else None), hops + 1
     if not isinstance(scores, fx.Node) or scores.target not in _MATMUL:
         return None
-    return AttentionSite(pv, scores.args[0], scores.args[1], value, "eager")
+    return AttentionSite(pv, scores.args[0], scores.args[1], value, "eager", scores)
 
 
 def producing_sites(gm: fx.GraphModule, start: fx.Node, sites_by_node: dict[fx.Node, Site], limit: int = 64) -> list[Site]:

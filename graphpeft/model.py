@@ -21,7 +21,7 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
-from graphpeft.rewriter import EXTRA_INPUTS, copy_graph, ensure_module
+from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module
 
 _IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
 _REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "past_key_values")
@@ -67,6 +67,9 @@ class CapturedModel(nn.Module):
         if unknown:
             raise GraphPeftError(f"argument {unknown[0]!r} was not part of the captured graph (inputs: "
                                  f"{', '.join(info.input_names)}); pass it in example_inputs when rewriting")
+        if labels is not None and _is_encoder_decoder(info) and "decoder_input_ids" in info.input_names \
+                and values.get("decoder_input_ids") is None and values.get("decoder_inputs_embeds") is None:
+            values["decoder_input_ids"] = _decoder_inputs_from_labels(labels, info)
         for name in info.input_names:
             if name not in values:
                 values[name] = _default_input(name, values)
@@ -86,11 +89,14 @@ class CapturedModel(nn.Module):
 
 def _extra_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
     """Inputs a pass added to the graph (e.g. task ids), taken out of ``kwargs``; each is required."""
-    wanted = gm.meta.get(EXTRA_INPUTS, {})
+    wanted, checks = gm.meta.get(EXTRA_INPUTS, {}), gm.meta.get(EXTRA_INPUT_CHECKS, {})
     extras = {name: kwargs.pop(name) for name in list(kwargs) if name in wanted}
     for name, missing_hint in wanted.items():
         if extras.get(name) is None:
             raise GraphPeftError(missing_hint)
+        problem = checks[name](extras[name]) if name in checks else None
+        if problem:
+            raise GraphPeftError(problem)
     return extras
 
 
@@ -122,10 +128,15 @@ def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo) -> Any:
 
     logits = out["logits"] if isinstance(out, dict) else out[0]
     fn, config = LOSS_MAPPING.get(info.loss_type), info.hf_config
-    if info.loss_type == "ForCausalLM" and logits.dim() == 3 and logits.shape[1] > labels.shape[1]:
+    if info.loss_type != "ForSequenceClassification" and logits.dim() == 3 and logits.shape[1] > labels.shape[1]:
         # tokens were prepended inside the graph (virtual tokens): they are never predicted
         pad = labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100)
         labels = torch.cat([pad, labels], dim=1)
+    if _is_encoder_decoder(info) and logits.dim() == 3:
+        # T5, BART, Whisper: labels are the decoder's targets at the same positions (no shift)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
+                                           ignore_index=-100)
+        return _replace_loss(out, loss)
     if fn is None:
         raise GraphPeftError(f"no loss for {info.model_class} (loss_type {info.loss_type!r}); compute it from .logits")
     if info.loss_type == "ForSequenceClassification":
@@ -135,9 +146,30 @@ def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo) -> Any:
     else:
         vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
         loss = fn(logits=logits, labels=labels, vocab_size=vocab)
+    return _replace_loss(out, loss)
+
+
+def _replace_loss(out: Any, loss: torch.Tensor) -> Any:
     if isinstance(out, dict):
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
     return (loss, *out)
+
+
+def _is_encoder_decoder(info: CaptureInfo) -> bool:
+    return bool(getattr(info.hf_config, "is_encoder_decoder", False))
+
+
+def _decoder_inputs_from_labels(labels: torch.Tensor, info: CaptureInfo) -> torch.Tensor:
+    """What T5 and BART do when only labels are given: shift right, start token first, -100 -> pad."""
+    config = info.hf_config
+    start = getattr(config, "decoder_start_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if start is None or pad is None:
+        raise GraphPeftError(f"{info.model_class} has no decoder_start_token_id/pad_token_id in its config; "
+                             f"pass decoder_input_ids with the labels")
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad)
 
 
 class GraphPeftModel(CapturedModel):
@@ -152,6 +184,7 @@ class GraphPeftModel(CapturedModel):
         self._base_graph = base_graph
         self._disabled = False
         self._base_cache: dict[str, fx.GraphModule] = {}   # a plain dict: not registered as a submodule
+        self.method_state: dict[str, dict] = {}   # per adapter: what a method keeps between training steps
 
     # -- running --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "GraphPeftModel":
@@ -160,11 +193,49 @@ class GraphPeftModel(CapturedModel):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._with_loss_terms(self._forward(args, kwargs))
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         if not self._disabled:
             return self._call(self.graph_module, args, kwargs)
         for name in self.graph_module.meta.get(EXTRA_INPUTS, {}):   # inputs only the adapters read
             kwargs.pop(name, None)
         return self._call(self._base_module(), args, kwargs)
+
+    # -- method hooks: a pass class may define loss_term, update_and_allocate, progress ------------
+    def _method_hooks(self, hook: str) -> Iterator[tuple[str, Any, Any]]:
+        """(adapter name, config, pass_cls.<hook>) for every adapter whose method defines ``hook``."""
+        for adapter_name, config in self.peft_config.items():
+            fn = getattr(registry.method_for_config(config).pass_cls, hook, None)
+            if fn is not None:
+                yield adapter_name, config, fn
+
+    def _with_loss_terms(self, out: Any) -> Any:
+        """``.loss`` plus every ``pass_cls.loss_term(model, adapter_name, config)`` that returns a tensor."""
+        loss = out.get("loss") if isinstance(out, dict) else None
+        if not isinstance(loss, torch.Tensor):
+            return out
+        for adapter_name, config, fn in self._method_hooks("loss_term"):
+            term = fn(self, adapter_name, config)
+            if isinstance(term, torch.Tensor):
+                loss = loss + term
+        out["loss"] = loss
+        return out
+
+    def update_and_allocate(self, step: int) -> None:
+        """Call after ``loss.backward()`` (and the optimizer step), before ``zero_grad()``, with the step index.
+
+        Methods whose adapter changes during training (a rank budget) update here; others ignore it.
+        """
+        for adapter_name, config, fn in self._method_hooks("update_and_allocate"):
+            fn(self, adapter_name, config, step)
+
+    def progress(self) -> dict[str, Any]:
+        """Per-method training status for a progress bar (e.g. a current budget); empty for most methods."""
+        status: dict[str, Any] = {}
+        for adapter_name, config, fn in self._method_hooks("progress"):
+            status.update(fn(self, adapter_name, config) or {})
+        return status
 
     def _base_module(self) -> fx.GraphModule:
         if "base" not in self._base_cache:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -22,6 +22,7 @@ from graphpeft.result import Rewrite
 
 REWRITTEN = STAMP + ".rewritten"   # anchor meta: [(rule, adapter)] that rewrote it
 EXTRA_INPUTS = STAMP + ".extra_inputs"   # gm meta: {input name: message when it is missing}
+EXTRA_INPUT_CHECKS = STAMP + ".extra_input_checks"   # gm meta: {input name: value -> None or what is wrong}
 
 
 def was_rewritten(node: Any, rule_name: str, adapter: str) -> bool:
@@ -54,6 +55,23 @@ def ensure_module(root: nn.Module, path: str) -> nn.Module:
             module.add_module(part, child)
         module = child
     return module
+
+
+def _add_keyword_to_input_spec(graph: fx.Graph, name: str) -> None:
+    """A graph captured by torch.export flattens its inputs with a pytree spec: add keyword ``name`` to it."""
+    codegen = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return
+    from torch.utils import _pytree as pytree
+
+    leaves = [object() for _ in range(info.in_spec.num_leaves)]
+    tree = pytree.tree_unflatten(leaves, info.in_spec)
+    if not (isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], dict)):
+        raise ValueError(f"cannot add input {name!r}: the graph's inputs are not (args, kwargs)")
+    args, kwargs = tree
+    _, in_spec = pytree.tree_flatten((args, {**kwargs, name: object()}))
+    codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=in_spec)
 
 
 class Rewriter:
@@ -113,11 +131,12 @@ class Rewriter:
         """Insert the next nodes just before ``node`` (e.g. to compute a new operand of the anchor)."""
         self._cursor = node.prev
 
-    def add_input(self, name: str, missing_hint: str) -> fx.Node:
+    def add_input(self, name: str, missing_hint: str, check: Optional[Callable[[Any], Optional[str]]] = None) -> fx.Node:
         """A new graph input (keyword argument) ``name``, e.g. task ids; the caller must then pass it.
 
-        ``missing_hint`` is the one-line error raised when a call omits it. Adding it twice returns the
-        same placeholder.
+        ``missing_hint`` is the one-line error raised when a call omits it; ``check(value)``, when given,
+        returns None for a good value or the one-line error to raise. Adding it twice returns the same
+        placeholder.
         """
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         for node in placeholders:
@@ -126,8 +145,34 @@ class Rewriter:
         with self.graph.inserting_after(placeholders[-1]) if placeholders else self.graph.inserting_before(None):
             node = self.graph.placeholder(name)
         node.meta[STAMP] = {"rule": self.rule_name, "adapter": self.adapter, "anchor": self.anchor.name}
+        _add_keyword_to_input_spec(self.graph, name)
         self.gm.meta.setdefault(EXTRA_INPUTS, {})[name] = missing_hint
+        if check is not None:
+            self.gm.meta.setdefault(EXTRA_INPUT_CHECKS, {})[name] = check
         return node
+
+    def adopt(self, nodes: list[fx.Node]) -> None:
+        """Stamp and record ``nodes`` that a graph helper inserted (e.g. ``graphpeft.sequence``); the cursor stays."""
+        cursor = self._cursor
+        for node in nodes:
+            self._stamp(node)
+        self._cursor = cursor
+
+    def call_module(self, path: str, module: nn.Module, *args: Any) -> fx.Node:
+        """A call_module node running ``module``, registered at ``path`` (kept if one is there already).
+
+        Its parameters are recorded as added; use it for a stateful block such as an LSTM, whose
+        train/eval mode then follows the model's.
+        """
+        parent, _, leaf = path.rpartition(".")
+        owner = ensure_module(self.gm, parent)
+        if leaf not in owner._modules:
+            owner.add_module(leaf, module)
+        for name, param in owner._modules[leaf].named_parameters():
+            self.params[f"{path}.{name}"] = tuple(param.shape)
+        with self.graph.inserting_after(self._cursor):
+            node = self.graph.call_module(path, tuple(args))
+        return self._stamp(node)
 
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         """Every user of ``old`` except the inserted nodes now reads ``new``."""

@@ -49,6 +49,11 @@ class Rule:
         """{weight attribute: merged value} for this record's site; empty when it cannot merge."""
         return {}
 
+    @classmethod
+    def saved_config(cls, data: dict[str, Any], records: list[Rewrite]) -> dict[str, Any]:
+        """adapter_config.json as written for this rule's ``records`` (e.g. resolved site lists); as is by default."""
+        return data
+
 
 class RulePass(PassBase):
     """Runs one rule over every site it accepts."""

@@ -5,7 +5,8 @@
     evaluate(peft_model, test_loader)["accuracy"]
 
 It knows nothing about adapters: whatever has ``requires_grad`` is trained (graphpeft freezes the base
-model when it rewrites it), everything else is left bit-identical.
+model when it rewrites it), everything else is left bit-identical. A model with ``update_and_allocate(step)``
+(GraphPeftModel) has it called after every optimizer step, and its ``progress()`` shown in the bar.
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ class History:
 def model_inputs(model: nn.Module, batch: dict) -> dict:
     """The part of ``batch`` the model takes: a captured graph takes only the inputs it was captured with.
 
-    (Tokenizers return extras such as token_type_ids; ``labels`` is always kept, it feeds the loss.)
+    (Tokenizers return extras such as token_type_ids; ``labels`` is always kept, it feeds the loss, and
+    so are inputs a pass added to the graph, such as task ids.)
     """
+    from graphpeft.rewriter import EXTRA_INPUTS
+
     info = getattr(model, "capture_info", None)
     names = getattr(info, "input_names", None)
     if not names:
         return dict(batch)
-    return {k: v for k, v in batch.items() if k in names or k == "labels"}
+    added = getattr(getattr(model, "graph_module", None), "meta", {}).get(EXTRA_INPUTS, {})
+    return {k: v for k, v in batch.items() if k in names or k == "labels" or k in added}
 
 
 def _loss_of(output: Any) -> Optional[torch.Tensor]:
@@ -80,9 +85,12 @@ def train(model: nn.Module, batches: Iterable[dict], epochs: int = 3, lr: float 
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            if hasattr(model, "update_and_allocate"):   # methods that change the adapter as it trains
+                model.update_and_allocate(len(history.step_losses))
             losses.append(loss.item())
             history.step_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            status = model.progress() if hasattr(model, "progress") else {}
+            bar.set_postfix(loss=f"{loss.item():.4f}", **status)
         if not losses:
             raise GraphPeftError("no training batches: the data set is empty")
         history.epoch_losses.append(sum(losses) / len(losses))

@@ -213,3 +213,54 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class TinySdpaLM(nn.Module):
+    """A small custom causal LM that is no Hugging Face model: token + learned position embeddings,
+    pre-norm blocks whose attention is ``F.scaled_dot_product_attention`` with a causal-and-padding
+    boolean mask, no cache and no ``past_key_values`` argument, and a linear LM head.
+
+        forward(input_ids [B, L], attention_mask [B, L] = None) -> logits [B, L, vocab]
+
+    Capture it with ``example_inputs=TinySdpaLM.example()``. ``embed`` is the token embedding.
+    """
+
+    class Block(nn.Module):
+        def __init__(self, dim: int, heads: int):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+        def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            b, n, d = h.shape
+            q, k, v = self.qkv(self.norm1(h)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h = h + self.proj(att.transpose(1, 2).reshape(b, n, d))
+            return h + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(h))))
+
+    def __init__(self, vocab: int = VOCAB, dim: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS,
+                 max_pos: int = MAX_POS, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.pos = nn.Embedding(vocab, dim), nn.Embedding(max_pos, dim)
+        self.blocks = nn.ModuleList(TinySdpaLM.Block(dim, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor = None) -> torch.Tensor:
+        n = input_ids.shape[1]
+        h = self.embed(input_ids) + self.pos(torch.arange(n, device=input_ids.device))
+        mask = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :].bool()
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.head(self.norm(h))
+
+    @staticmethod
+    def example(batch: int = 2, seq: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(3, VOCAB, (batch, seq), generator=gen),
+                "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
