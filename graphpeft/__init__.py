@@ -11,6 +11,8 @@ from graphpeft.api import from_pretrained, rewrite
 from graphpeft.capture import capture, set_train_mode, synthesize_inputs
 from graphpeft.errors import AdapterFormatError, CaptureError, GraphPeftError, NoMatchError
 from graphpeft.model import CapturedModel, GraphPeftModel
+from graphpeft.meta import materialize, save_config
+from graphpeft.optimize import merge_for_inference
 from graphpeft.passes import AdaLoraConfig, IA3Config, LoraConfig
 from graphpeft.passes import PromptTuningConfig
 from graphpeft.passes import PromptEncoderConfig
@@ -25,5 +27,6 @@ __all__ = [
     "NoMatchError", "PassResult", "Rewrite", "capture", "from_pretrained", "rewrite", "set_train_mode",
     "synthesize_inputs", "__version__",
     "PrefixTuningConfig",
+    "materialize", "merge_for_inference", "save_config",
     "PromptTuningConfig", "PromptEncoderConfig", "MultitaskPromptTuningConfig",
 ]

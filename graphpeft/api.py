@@ -11,7 +11,7 @@ from torch import nn
 from graphpeft import registry
 from graphpeft.capture import capture
 from graphpeft.errors import GraphPeftError
-from graphpeft.io import load_adapter_state, read_adapter
+from graphpeft.io import load_adapter_state, read_adapter_config
 from graphpeft.model import GraphPeftModel
 from graphpeft.optimize import optimize_graph
 from graphpeft.pass_manager import run_passes
@@ -66,10 +66,7 @@ def from_pretrained(model: nn.Module, adapter_dir: str, example_inputs: Any = No
 
     As in PEFT, the adapter is frozen and the model in eval mode unless ``is_trainable``.
     """
-    config_dict, tensors = read_adapter(adapter_dir)
-    method = registry.method_for_peft_type(config_dict["peft_type"])
-    config = method.config_cls.from_dict(config_dict)
-    config.inference_mode = not is_trainable
+    config, tensors = read_adapter_config(adapter_dir, is_trainable)
     if not isinstance(model, nn.Module):
         raise GraphPeftError(f"from_pretrained needs a torch.nn.Module, got {type(model).__name__}")
     peft_model = rewrite(model, config.for_loading(), example_inputs, adapter_name)

@@ -69,6 +69,10 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
     if hf:
         kwargs = {**_hf_constants(model), **kwargs}
     gm = _export(model, args, kwargs, dynamic)
+    if any(p.is_meta for p in model.parameters()):
+        # built without weights: non-persistent buffers (rotary inv_freq) are in no file, compute them now
+        from graphpeft.meta import fill_meta_buffers
+        fill_meta_buffers(model, gm)
     signature = _signature(model)
     constants = {k: v for k, v in kwargs.items() if _is_constant(v)}
     info = CaptureInfo(

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from graphpeft.errors import AdapterFormatError, GraphPeftError
-from graphpeft.outputs import atomic_write
+from graphpeft.outputs import atomic_write_many
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,8 +76,10 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "
         raise GraphPeftError(f"output folder {out} is not writable; choose a writable path")
     state = adapter_state(model, adapter_name)
     config = resolved_config(model, adapter_name)
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    # both files are written in full before either is renamed into place (see atomic_write_many)
+    atomic_write_many({out / WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt"}),
+                       out / CONFIG_NAME: lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)
+                                                                       + "\n")})
     return out
 
 
@@ -108,6 +110,16 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     return config, tensors
 
 
+def read_adapter_config(directory: str | os.PathLike, is_trainable: bool = False) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(config object of the saved method, {key: tensor}); ``inference_mode`` set as PEFT's loading sets it."""
+    from graphpeft import registry
+
+    config_dict, tensors = read_adapter(directory)
+    config = registry.method_for_peft_type(config_dict["peft_type"]).config_cls.from_dict(config_dict)
+    config.inference_mode = not is_trainable
+    return config, tensors
+
+
 def load_adapter_state(model: Any, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Copy PEFT-keyed tensors into the graph's adapter parameters; every key and shape must fit."""
     from graphpeft.rewriter import get_attr_path
@@ -132,16 +144,16 @@ def load_adapter_state(model: Any, tensors: dict[str, torch.Tensor], adapter_nam
     if missing:
         raise AdapterFormatError(f"adapter file lacks {len(missing)} key(s) the config asks for, e.g. {missing[0]}; "
                                  f"the file does not fit its adapter_config.json")
+    pairs = [(get_attr_path(model.graph_module, attr), key, tensors[key]) for key, attr in targets.items()
+             if key in tensors]
+    for param, key, value in pairs:      # every tensor is checked before any is copied: a refused file changes nothing
+        if tuple(param.shape) != tuple(value.shape):
+            raise AdapterFormatError(f"{key} has shape {tuple(value.shape)} in the file but "
+                                     f"{tuple(param.shape)} in the model; was it saved for another model?")
+        if not value.is_floating_point():
+            raise AdapterFormatError(f"{key} has dtype {value.dtype}; adapter weights must be floating point")
     with torch.no_grad():
-        for key, attr in targets.items():
-            if key not in tensors:
-                continue
-            param, value = get_attr_path(model.graph_module, attr), tensors[key]
-            if tuple(param.shape) != tuple(value.shape):
-                raise AdapterFormatError(f"{key} has shape {tuple(value.shape)} in the file but "
-                                         f"{tuple(param.shape)} in the model; was it saved for another model?")
-            if not value.is_floating_point():
-                raise AdapterFormatError(f"{key} has dtype {value.dtype}; adapter weights must be floating point")
+        for param, _, value in pairs:
             param.copy_(value.to(param.dtype))
 
 

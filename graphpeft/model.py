@@ -4,6 +4,15 @@
 output type (for Hugging Face models a ModelOutput, with ``.loss`` when ``labels`` are given: the
 loss is computed outside the graph with the model's own transformers loss function).
 ``GraphPeftModel`` adds what an adapter needs: trainable-parameter report, save, merge, disable.
+
+Several adapters, as PEFT has them (``add_adapter``, ``set_adapter``, ``load_adapter``): each adapter
+has its own rewritten graph, the base graph plus that adapter's pass, and all of them read the
+parameters of one graph module. The active adapter's graph is ``graph_module.graph``; the others
+are parked beside it and swapped in by ``set_adapter``, so an inactive adapter's branches are not
+in the graph at all (they contribute nothing and cost nothing):
+
+    base graph ─┬─ pass(config "default") ─▶ graph "default"  ◀─ graph_module.graph (active)
+                └─ pass(config "other")   ─▶ graph "other"     (parked)
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
-from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module
+from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path
 
 _IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
 _REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "past_key_values")
+_GRAPH_META = (EXTRA_INPUTS, EXTRA_INPUT_CHECKS)   # graph-module meta that belongs to one adapter's graph
 
 
 class CapturedModel(nn.Module):
@@ -185,6 +195,9 @@ class GraphPeftModel(CapturedModel):
         self._disabled = False
         self._base_cache: dict[str, fx.GraphModule] = {}   # a plain dict: not registered as a submodule
         self.method_state: dict[str, dict] = {}   # per adapter: what a method keeps between training steps
+        self._parked: dict[str, tuple[fx.Graph, dict]] = {}   # inactive adapters: (graph, its graph-module meta)
+        self._trainable = {name: {p for rec in self.records if rec.adapter == name for p in rec.params
+                                  if get_attr_path(graph_module, p).requires_grad} for name in self.peft_config}
 
     # -- running --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "GraphPeftModel":
@@ -204,11 +217,12 @@ class GraphPeftModel(CapturedModel):
 
     # -- method hooks: a pass class may define loss_term, update_and_allocate, progress ------------
     def _method_hooks(self, hook: str) -> Iterator[tuple[str, Any, Any]]:
-        """(adapter name, config, pass_cls.<hook>) for every adapter whose method defines ``hook``."""
-        for adapter_name, config in self.peft_config.items():
-            fn = getattr(registry.method_for_config(config).pass_cls, hook, None)
-            if fn is not None:
-                yield adapter_name, config, fn
+        """(adapter name, config, pass_cls.<hook>) for the active adapter, if its method defines ``hook``."""
+        adapter_name = self.active_adapter       # as in PEFT, only the active adapter trains
+        config = self.peft_config.get(adapter_name)
+        fn = getattr(registry.method_for_config(config).pass_cls, hook, None) if config is not None else None
+        if fn is not None:
+            yield adapter_name, config, fn
 
     def _with_loss_terms(self, out: Any) -> Any:
         """``.loss`` plus every ``pass_cls.loss_term(model, adapter_name, config)`` that returns a tensor."""
@@ -255,6 +269,106 @@ class GraphPeftModel(CapturedModel):
             self._disabled = False
             self._base_cache.clear()
 
+    # -- several adapters ---------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def add_adapter(self, adapter_name: str, peft_config: Any, optimize: bool = True) -> None:
+        """Add an adapter: the base graph rewritten by ``peft_config``'s pass, with parameters named after it.
+
+        As in PEFT, the new adapter is neither active nor trainable until ``set_adapter(adapter_name)``.
+        """
+        from graphpeft.api import rewrite   # api builds GraphPeftModels: imported here, not at the top
+
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise GraphPeftError(f"adapter name {adapter_name!r} is not usable; pass a non-empty name without dots")
+        if adapter_name in self.peft_config:
+            raise GraphPeftError(f"adapter {adapter_name!r} already exists; choose another name or delete_adapter it")
+        gm = self.graph_module
+        scratch = fx.GraphModule(gm, copy_graph(self._base_graph), class_name="AdapterGraph")
+        scratch.meta[CAPTURE_META] = capture_info(gm)
+        added = rewrite(scratch, peft_config, adapter_name=adapter_name, optimize=optimize)
+        fresh = added.graph_module
+        trainable = {p for rec in added.records for p in rec.params if get_attr_path(fresh, p).requires_grad}
+        _adopt_attributes(gm, fresh, {p for rec in added.records for p in rec.params})
+        for attr in trainable:
+            get_attr_path(gm, attr).requires_grad_(False)
+        self._trainable[adapter_name] = trainable
+        fresh.graph.owning_module = gm       # parked, the graph reads this module's attributes (as it will when active)
+        self._parked[adapter_name] = (fresh.graph, {k: fresh.meta[k] for k in _GRAPH_META if k in fresh.meta})
+        self.records = self.records + tuple(added.records)
+        self.peft_config[adapter_name] = peft_config
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the only active adapter; it trains (unless ``inference_mode``), the others are frozen."""
+        self._check_adapter(adapter_name)
+        if adapter_name != self.active_adapter:
+            self._park()
+            self._unpark(adapter_name)
+            self.active_adapter = adapter_name
+        for name, attrs in self._trainable.items():
+            for attr in attrs:
+                get_attr_path(self.graph_module, attr).requires_grad_(name == adapter_name and not inference_mode)
+
+    def load_adapter(self, adapter_dir: str, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``adapter_dir`` (by graphpeft or PEFT) as ``adapter_name``; not made active.
+
+        As in PEFT, it is frozen and the model put in eval mode unless ``is_trainable``; an adapter of that
+        name that exists already gets the saved weights (its config stays).
+        """
+        from graphpeft.io import load_adapter_state, read_adapter_config
+
+        config, tensors = read_adapter_config(adapter_dir, is_trainable)
+        added = adapter_name not in self.peft_config
+        if added:
+            self.add_adapter(adapter_name, config.for_loading())
+            self.peft_config[adapter_name] = config
+        try:
+            load_adapter_state(self, tensors, adapter_name)
+        except GraphPeftError:
+            if added:
+                self.delete_adapter(adapter_name)
+            raise
+        if is_trainable:
+            for attr in self._trainable[adapter_name]:
+                get_attr_path(self.graph_module, attr).requires_grad_(True)
+        else:
+            self.eval()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter, its graph and its parameters; the active one cannot go while it is the only one."""
+        self._check_adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            others = [n for n in self.peft_config if n != adapter_name]
+            if not others:
+                raise GraphPeftError(f"adapter {adapter_name!r} is the only adapter; keep it or start from the base model")
+            self.set_adapter(others[0])
+        gm = self.graph_module
+        for attr in sorted({p for rec in self.records if rec.adapter == adapter_name for p in rec.params}):
+            owner_path, _, leaf = attr.rpartition(".")
+            owner = get_attr_path(gm, owner_path) if owner_path else gm
+            if leaf in owner._parameters:
+                delattr(owner, leaf)
+        self.records = tuple(r for r in self.records if r.adapter != adapter_name)
+        for table in (self.peft_config, self._parked, self._trainable, self.method_state):
+            table.pop(adapter_name, None)
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise GraphPeftError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+
+    def _park(self) -> None:
+        """Put the active adapter's graph (and its graph-module meta) aside."""
+        gm = self.graph_module
+        self._parked[self.active_adapter] = (gm.graph, {k: gm.meta.pop(k) for k in _GRAPH_META if k in gm.meta})
+
+    def _unpark(self, adapter_name: str) -> None:
+        graph, meta = self._parked.pop(adapter_name)
+        self.graph_module.graph = graph          # recompiles
+        self.graph_module.meta.update(meta)
+        set_train_mode(self.graph_module, self.training)
+
     # -- parameters -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -265,17 +379,23 @@ class GraphPeftModel(CapturedModel):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- saving and merging ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, adapter_name: Optional[str] = None) -> None:
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None) -> None:
+        """Save each adapter (default: all) as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``."""
         from graphpeft.io import save_adapter
 
-        save_adapter(self, save_directory, adapter_name or self.active_adapter)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_adapter(name)
+        for name in names:
+            save_adapter(self, save_directory if name == "default" else f"{save_directory}/{name}", name)
 
     def merge_and_unload(self) -> CapturedModel:
-        """A plain module with the adapters merged into the weights: no adapter nodes, same outputs.
+        """A plain module with the active adapter merged into the weights: no adapter nodes, same outputs.
 
         The model's own weights are not changed: merged weights are new tensors in the returned module.
         """
-        unmergeable = sorted({r.rule for r in self.records if not registry.rule(r.rule).mergeable})
+        records = [r for r in self.records if r.adapter == self.active_adapter]
+        unmergeable = sorted({r.rule for r in records if not registry.rule(r.rule).mergeable})
         if unmergeable:
             raise GraphPeftError(f"{unmergeable[0]} adds tokens, not a weight update: it cannot be merged into "
                                  f"the weights; keep the adapter model as it is")
@@ -284,7 +404,7 @@ class GraphPeftModel(CapturedModel):
         merged.meta[CAPTURE_META] = capture_info(self.graph_module)
         nodes = {n.name: n for n in graph.nodes}
         with torch.no_grad():
-            for rec in self.records:
+            for rec in records:
                 weights = registry.rule(rec.rule).merged_weights(self.graph_module, rec)
                 for attr, value in weights.items():
                     _set_weight(merged, attr, value, nodes.get(rec.anchor) if rec.kind != "module" else None)
@@ -293,6 +413,31 @@ class GraphPeftModel(CapturedModel):
         merged.delete_all_unused_submodules()
         set_train_mode(merged, self.training)
         return CapturedModel(merged)
+
+
+def _adopt_attributes(gm: fx.GraphModule, fresh: fx.GraphModule, params: set[str]) -> None:
+    """Register in ``gm`` what ``fresh`` (a graph module built over ``gm``) added: its new parameters and modules."""
+    targets = {str(n.target) for n in fresh.graph.nodes if n.op in ("get_attr", "call_module")} | params
+    for target in sorted(targets):
+        value = get_attr_path(fresh, target)
+        try:
+            existing = get_attr_path(gm, target)
+        except AttributeError:
+            existing = None
+        if existing is value:
+            continue
+        if existing is not None:
+            raise GraphPeftError(f"the new adapter's {target} already exists in the model; choose another adapter name")
+        owner_path, _, leaf = target.rpartition(".")
+        owner = ensure_module(gm, owner_path)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        elif isinstance(value, nn.Module):
+            owner.add_module(leaf, value)
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value)
+        else:
+            setattr(owner, leaf, value)
 
 
 def _own_module(gm: fx.GraphModule, path: str) -> nn.Module:

@@ -3,7 +3,7 @@
 ``staged_output(OUT)`` yields a temporary folder next to OUT; on success it is renamed into place,
 on failure it is deleted. An existing non-empty OUT is refused unless ``overwrite``; then the old
 folder is renamed away, the new one renamed in, and only then the old one deleted.
-``atomic_write(FILE, write)`` does the same for one file.
+``atomic_write(FILE, write)`` does the same for one file, ``atomic_write_many`` for files that belong together.
 """
 
 from __future__ import annotations
@@ -29,16 +29,41 @@ def _usual_mode(path: str | os.PathLike, full: int) -> None:
 
 def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    atomic_write_many({path: write})
+
+
+def atomic_write_many(writes: dict[Path, Any]) -> None:
+    """Write every file to a hidden temporary next to it (flushed to disk), then rename them all into place.
+
+    A process killed while writing leaves every final name as it was (at worst a hidden
+    ``.NAME.*.tmp`` file); the renames come last, one after another, so files that belong together
+    (an adapter's weights and its config) are replaced within microseconds of each other.
+    """
+    temps: dict[Path, str] = {}
     try:
-        write(tmp)
-        _usual_mode(tmp, 0o666)
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps[path] = tmp
+            write(tmp)
+            _usual_mode(tmp, 0o666)
+            _fsync(tmp)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
+
+
+def _fsync(path: str) -> None:
+    """Flush a written file to disk before it is renamed over the old one (a crash never leaves it empty)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_output(out: Path, overwrite: bool) -> None:
