@@ -10,10 +10,69 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from graphpeft.errors import GraphPeftError
+
+
+# PEFT's TaskType values
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def check_field_types(config: Any) -> None:
+    """A one-line GraphPeftError for a field whose value does not fit its annotation.
+
+    Understood annotations: bool, int, float (an int is accepted), str, dict, list[X], Optional and
+    Union of those; other annotations are not checked. A str-valued enum member passes as a str.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        expected = _describe(hints.get(f.name))
+        value = getattr(config, f.name)
+        if expected is not None and not _fits(value, hints[f.name]):
+            raise GraphPeftError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) or value is None    # PEFT writes null for an empty pattern
+    if origin is list:
+        is_list = isinstance(value, (list, tuple, set, frozenset))    # PEFT takes any collection
+        return is_list and (not args or all(_fits(v, args[0]) for v in value))
+    return True
+
+
+def _describe(hint: Any) -> Optional[str]:
+    """Words for an understood annotation ("a number", "a list of strings or a string or None"); None if not understood."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        parts = [_describe(a) for a in args]
+        return None if None in parts else " or ".join(dict.fromkeys(parts))
+    words = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string",
+             dict: "a dict"}
+    if hint in words:
+        return words[hint]
+    if origin is dict:
+        return "a dict"
+    plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+    if origin is list and args and args[0] in plural:
+        return f"a list of {plural[args[0]]}"
+    return None
 
 
 @dataclass
@@ -29,7 +88,17 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.task_type, enum.Enum):  # accept peft.TaskType members too
             self.task_type = self.task_type.value
-        self.validate()
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise GraphPeftError(f"task_type must be one of {', '.join(TASK_TYPES)} (as in PEFT) or None, "
+                                 f"got {self.task_type!r}")
+        try:
+            self.validate()          # the method's own checks speak first ...
+        except GraphPeftError:
+            raise
+        except (TypeError, ValueError, AttributeError):
+            check_field_types(self)  # ... a crash in them on a wrongly typed field becomes one line
+            raise
+        check_field_types(self)      # ... and every field must fit its annotation
 
     def validate(self) -> None:
         """Raise GraphPeftError for a field value PEFT would refuse."""
@@ -92,11 +161,11 @@ class TargetingConfig(AdapterConfig):
             value = getattr(self, name)
             if isinstance(value, (set, frozenset, tuple)):
                 setattr(self, name, sorted(value))
-        super().__post_init__()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list)):
                 raise GraphPeftError(f"{name} must be a list of module names or a regex string, got {type(value).__name__}")
+        super().__post_init__()
 
 
 @dataclass

@@ -109,6 +109,9 @@ def load_config(model: Optional[str], trust_remote_code: bool = False) -> Any:
     try:
         return AutoConfig.from_pretrained(source, local_files_only=offline(), trust_remote_code=trust_remote_code)
     except OSError as exc:
+        if Path(source).is_dir():   # the folder is there: its config.json is what failed (e.g. not JSON)
+            raise GraphPeftError(f"cannot read the config of {name}: {_first_line(exc)}; write the folder "
+                                 f"again with save_pretrained") from None
         raise _not_found(name, exc) from None
     except ValueError as exc:
         raise GraphPeftError(f"cannot read the config of {name}: {_first_line(exc)}") from None
@@ -125,10 +128,17 @@ def load_model(model: Optional[str], task: str = "auto", num_labels: Optional[in
     kwargs: dict[str, Any] = {"local_files_only": offline(), "trust_remote_code": trust_remote_code}
     if num_labels is not None:
         kwargs["num_labels"] = int(num_labels)
+    from safetensors import SafetensorError
+
     try:
         loaded = cls.from_pretrained(source, **kwargs)
     except OSError as exc:
+        if Path(source).is_dir():   # the folder is there: its weights are missing or unreadable
+            raise GraphPeftError(f"cannot load the weights of {name}: {_first_line(exc)}") from None
         raise _not_found(name, exc) from None
+    except SafetensorError as exc:
+        raise GraphPeftError(f"the weights of {name} are not a readable safetensors file ({_first_line(exc)}); "
+                             f"write the folder again with save_pretrained") from None
     except (ValueError, KeyError, RuntimeError) as exc:   # unsupported architecture, head size mismatch, ...
         raise GraphPeftError(f"cannot load {name} as {getattr(cls, '__name__', cls)}: {_first_line(exc)}") from None
     loaded.config._name_or_path = name
