@@ -215,6 +215,9 @@ def synthesize_inputs(model: nn.Module, batch: int = _EXAMPLE_BATCH, seq: int = 
     if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
         vocab = _text_config_value(config, "vocab_size") or 2
         inputs["decoder_input_ids"] = torch.randint(0, int(vocab), (batch, seq), generator=gen)
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None and device.type != "meta":      # capture where the model lives (cuda:N, ...)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
     return inputs
 
 
@@ -263,6 +266,28 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
 # -- train / eval switch ------------------------------------------------------------------------
 
 _TRAIN_P = "graphpeft.train_p"
+
+def retarget_device(graph: fx.Graph, device: torch.device) -> int:
+    """Device constants recorded at capture (``arange(..., device=cpu)``, ``to(mask, cpu)``) now name
+    ``device``; returns how many nodes changed. The graph then runs where its weights were moved."""
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.device) and value != device:
+            return device
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        return value
+
+    changed = 0
+    for node in graph.nodes:
+        if node.op == "call_function":
+            args, kwargs = swap(node.args), swap(node.kwargs)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+    return changed
+
 
 
 def set_train_mode(gm: fx.GraphModule, train: bool) -> bool:

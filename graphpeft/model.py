@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphpeft import registry
-from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, set_train_mode
+from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path
@@ -56,6 +56,21 @@ class CapturedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(self.graph_module, args, kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CapturedModel":
+        """``.to(device)`` / ``.cuda()`` also move the device constants the graph recorded at capture."""
+        super()._apply(fn, *args, **kwargs)
+        device = next((t.device for t in [*self.parameters(), *self.buffers()]), None)
+        if device is not None:
+            if retarget_device(self.graph_module.graph, device):
+                self.graph_module.recompile()
+            for graph in self._other_graphs():
+                retarget_device(graph, device)
+        return self
+
+    def _other_graphs(self) -> list[fx.Graph]:
+        """Graphs kept beside the running one (a base graph, inactive adapters) that must move too."""
+        return []
 
     def _call(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
         info = capture_info(gm)
@@ -250,6 +265,10 @@ class GraphPeftModel(CapturedModel):
         for adapter_name, config, fn in self._method_hooks("progress"):
             status.update(fn(self, adapter_name, config) or {})
         return status
+
+    def _other_graphs(self) -> list[fx.Graph]:
+        self._base_cache.clear()
+        return [self._base_graph, *(graph for graph, _ in self._parked.values())]
 
     def _base_module(self) -> fx.GraphModule:
         if "base" not in self._base_cache:

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 import graphpeft
 from graphpeft.capture import capture_info
-from tests.models import BUILDERS, MLP, inputs_for, tiny_bert_cls, tiny_vit
+from tests.models import BUILDERS, MLP, inputs_for, tiny_bert_cls, tiny_llama, tiny_vit
 
 aten = torch.ops.aten
 ARCHS = ["llama", "gpt2", "bert", "distilbert", "vit", "whisper", "t5", "bart"]
@@ -272,3 +272,32 @@ def test_bert_takes_a_tokenizers_output_token_type_ids_included():
     torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
     # left out, it defaults to zeros as in transformers
     torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_moving_the_model_moves_the_device_constants_of_its_graphs():
+    """A graph records the capture device (arange(..., device=cpu)); .to() points every graph at the new one.
+
+    No GPU here: the meta device stands in for it (a cpu constant among meta tensors fails).
+    """
+    from graphpeft.capture import retarget_device
+
+    peft_model = graphpeft.rewrite(tiny_llama(), graphpeft.LoraConfig(r=2))
+    ids = torch.randint(0, 50, (2, 5))
+    graphs = [peft_model.graph_module.graph, peft_model._base_graph]
+    assert all(_devices(g) == {torch.device("cpu")} for g in graphs)
+    peft_model.to("meta")
+    assert all(_devices(g) == {torch.device("meta")} for g in graphs)
+    out = peft_model(input_ids=ids.to("meta"))
+    assert out.logits.device.type == "meta" and out.logits.shape == (2, 5, 100)
+    with peft_model.disable_adapter():
+        assert peft_model(input_ids=ids.to("meta")).logits.device.type == "meta"
+    assert retarget_device(peft_model.graph_module.graph, torch.device("meta")) == 0   # nothing left to move
+
+
+def _devices(graph):
+    found = set()
+    for node in graph.nodes:
+        for value in [*node.args, *node.kwargs.values()]:
+            if isinstance(value, torch.device):
+                found.add(value)
+    return found
