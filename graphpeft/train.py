@@ -6,7 +6,8 @@
 
 It knows nothing about adapters: whatever has ``requires_grad`` is trained (graphpeft freezes the base
 model when it rewrites it), everything else is left bit-identical. A model with ``update_and_allocate(step)``
-(GraphPeftModel) has it called after every optimizer step, and its ``progress()`` shown in the bar.
+(GraphPeftModel) has it called after every optimizer step, and its ``progress()`` shown beside the
+progress bar (rich, on stderr, only when stderr is a terminal; see graphpeft.progress).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from graphpeft import progress as _progress
 from graphpeft.errors import GraphPeftError
 
 
@@ -72,25 +73,26 @@ def train(model: nn.Module, batches: Iterable[dict], epochs: int = 3, lr: float 
     model.train()
     for epoch in range(epochs):
         losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
-        for batch in bar:
-            loss = _loss_of(model(**model_inputs(model, batch)))
-            if loss is None:
-                raise GraphPeftError("the model returned no loss; the batches need 'labels'")
-            if not math.isfinite(loss.item()):
-                raise GraphPeftError(f"loss became {loss.item()} at step {len(history.step_losses) + 1}; "
-                                     f"lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            if hasattr(model, "update_and_allocate"):   # methods that change the adapter as it trains
-                model.update_and_allocate(len(history.step_losses))
-            losses.append(loss.item())
-            history.step_losses.append(loss.item())
-            status = model.progress() if hasattr(model, "progress") else {}
-            bar.set_postfix(loss=f"{loss.item():.4f}", **status)
+        total = len(batches) if hasattr(batches, "__len__") else None
+        with _progress.bar(total, f"epoch {epoch + 1}/{epochs}", show=progress) as advance:
+            for batch in batches:
+                loss = _loss_of(model(**model_inputs(model, batch)))
+                if loss is None:
+                    raise GraphPeftError("the model returned no loss; the batches need 'labels'")
+                if not math.isfinite(loss.item()):
+                    raise GraphPeftError(f"loss became {loss.item()} at step {len(history.step_losses) + 1}; "
+                                         f"lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                if hasattr(model, "update_and_allocate"):   # methods that change the adapter as it trains
+                    model.update_and_allocate(len(history.step_losses))
+                losses.append(loss.item())
+                history.step_losses.append(loss.item())
+                status = model.progress() if hasattr(model, "progress") else {}
+                advance(loss=f"{loss.item():.4f}", **status)
         if not losses:
             raise GraphPeftError("no training batches: the data set is empty")
         history.epoch_losses.append(sum(losses) / len(losses))

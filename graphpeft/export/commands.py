@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from graphpeft import progress
 from graphpeft.errors import GraphPeftError
 from graphpeft.outputs import check_output, staged_output, write_json
 
@@ -74,7 +75,8 @@ def run_export(args: argparse.Namespace) -> int:
     folder = Path(args.adapter).expanduser()
     out = Path(args.output).expanduser() if args.output else folder / (TRAINING_DIR if training else INFERENCE_DIR)
     check_output(out, args.overwrite)
-    peft_model, name, tokenizer = load_adapter_folder(args.adapter, args.model, training, args.trust_remote_code)
+    with progress.spinner(f"loading {folder} and capturing its base model"):
+        peft_model, name, tokenizer = load_adapter_folder(args.adapter, args.model, training, args.trust_remote_code)
     print(f"model: {name} ({peft_model.capture_info.model_class}); adapter {folder} "
           f"({len(peft_model.records)} sites)")
     if training:
@@ -86,7 +88,8 @@ def _export_inference(args: argparse.Namespace, peft_model: Any, tokenizer: Any,
     from graphpeft.export.onnx import export_onnx
 
     with staged_output(out, args.overwrite) as tmp:
-        result = export_onnx(peft_model, tmp / "model.onnx", merged=not args.unmerged)
+        with progress.spinner("exporting to ONNX"):
+            result = export_onnx(peft_model, tmp / "model.onnx", merged=not args.unmerged)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         write_json(tmp / "export.json", {"kind": "onnx", "merged": result.merged, "inputs": list(result.input_names),
@@ -108,8 +111,9 @@ def _export_training(args: argparse.Namespace, peft_model: Any, tokenizer: Any, 
         raise GraphPeftError("the base model has no tokenizer, which edge-train needs to read text; save the "
                              "tokenizer into the model folder (tokenizer.save_pretrained)")
     with staged_output(out, args.overwrite) as tmp:
-        result = export_training(peft_model, tmp, optimizer=args.optimizer, nominal_checkpoint=args.nominal_checkpoint,
-                                 max_grad_norm=args.max_grad_norm)
+        with progress.spinner("exporting ONNX Runtime training artifacts"):
+            result = export_training(peft_model, tmp, optimizer=args.optimizer,
+                                     nominal_checkpoint=args.nominal_checkpoint, max_grad_norm=args.max_grad_norm)
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         sizes = {p.name: _size(p) for p in tmp.iterdir() if p.name.endswith("checkpoint")}
     loss = "next-token cross-entropy (-100 ignored)" if result.task == "causal-lm" else "cross-entropy over labels"
@@ -163,7 +167,7 @@ def run_edge_train(args: argparse.Namespace) -> int:
     trainer = EdgeTrainer(folder)
     print(f"data: {args.data} ({len(data)} rows, {data.task}); artifacts: {folder} "
           f"({len(manifest['trainable'])} trainable parameters, {manifest['optimizer']})")
-    history = trainer.train(loader, epochs=args.epochs, lr=args.lr,
+    history = trainer.train(loader, epochs=args.epochs, lr=args.lr, progress=progress.enabled(),
                             on_epoch=lambda i, loss: print(f"epoch {i + 1}/{args.epochs}: mean loss {loss:.4f}",
                                                            flush=True))
     log = {"data": str(args.data), "rows": len(data), "task": data.task, "epochs": args.epochs, "lr": args.lr,

@@ -7,6 +7,7 @@ in a subprocess, end to end.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -298,3 +299,193 @@ def test_an_unexpected_error_is_one_line_exit_1_with_a_traceback_only_in_debug_m
     monkeypatch.setenv("GRAPHPEFT_DEBUG", "1")
     code, _, err = run(capsys, "inspect", tiny_bert_dir)
     assert code == 1 and "Traceback" in err and "please report it" in err
+
+
+# -- conventions: --version, help with examples, methods, --json, --config, --report, progress -------------
+
+COMMANDS = ("inspect", "rewrite", "train", "export", "edge-train", "methods")
+
+
+def test_version_and_an_example_in_every_commands_help(capsys):
+    code, stdout, err = run(capsys, "--version")
+    assert code == 0 and stdout == f"graphpeft {graphpeft.__version__}\n" and err == ""
+    code, stdout, _ = run(capsys, "--help")
+    assert code == 0 and all(name in stdout for name in COMMANDS) and "--version" in stdout
+    assert all(name in stdout for name in registry.methods())
+    for name in COMMANDS:
+        code, stdout, _ = run(capsys, name, "--help")
+        assert code == 0, name
+        examples = stdout.split("Examples:", 1)
+        assert len(examples) == 2 and f"graphpeft {name} " in examples[1], stdout
+
+
+def _option_rows(method: registry.Method) -> list[tuple[str, str, object]]:
+    rows = []
+    for f in dataclasses.fields(method.config_cls):
+        if f.metadata.get("cli"):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            rows.append((f.metadata["cli"], f.name, default))
+    return rows
+
+
+def test_methods_lists_every_registered_method_with_its_options(capsys, monkeypatch):
+    @dataclasses.dataclass
+    class ToyConfig(TargetingConfig):
+        peft_type = "TOY"
+        width: int = dataclasses.field(default=3, metadata={"cli": "--width", "help": "toy width"})
+
+    class ToyPass(RulePass):
+        rule_cls = None
+
+    monkeypatch.setitem(registry._METHODS, "toy", registry.Method("toy", ToyConfig, ToyPass, "a toy method"))
+    code, stdout, err = run(capsys, "methods")
+    assert code == 0, err
+    blocks = {b.split()[0]: b for b in stdout.strip().split("\n\n") if b.strip()}
+    for name, method in registry.methods().items():
+        assert method.config_cls.__name__ in blocks[name]
+        for flag, field, _ in _option_rows(method):
+            assert any(ln.split()[:1] == [flag] and f"{field}:" in ln for ln in blocks[name].splitlines()), (name, flag)
+    assert "toy width (default: 3)" in blocks["toy"]
+
+    code, stdout, err = run(capsys, "methods", "--json")
+    assert code == 0, err
+    listed = {m["name"]: m for m in json.loads(stdout)["methods"]}
+    assert set(listed) == set(registry.methods())
+    for name, method in registry.methods().items():
+        assert listed[name]["peft_type"] == method.config_cls.peft_type
+        got = [(o["flag"], o["field"], o["default"]) for o in listed[name]["options"]]
+        assert got == [(flag, field, json.loads(json.dumps(default, default=str)))
+                       for flag, field, default in _option_rows(method)]
+    assert listed["toy"]["options"][-1]["type"] == "int"
+
+
+def test_inspect_json_is_the_only_thing_on_stdout_and_holds_the_sites(tiny_bert_dir, capsys):
+    from graphpeft.match import find_sites
+
+    code, stdout, err = run(capsys, "inspect", tiny_bert_dir, "--json", "--targets", "query")
+    assert code == 0, err
+    result = json.loads(stdout)                                  # the whole of stdout is one JSON object
+    sites = find_sites(graphpeft.capture(_bert(tiny_bert_dir)))
+    assert result["method"] == "lora" and result["candidate_sites"] == len(sites) == len(result["sites"])
+    assert [(s["module_path"], s["kind"], s["in_features"], s["out_features"]) for s in result["sites"]] == \
+        [(s.module_path, s.kind, s.in_features, s.out_features) for s in sites]
+    taken = sorted(s["module_path"] for s in result["sites"] if s["taken"])
+    assert taken == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert result["taken_sites"] == 2
+
+
+def test_rewrite_json_and_report_html(tiny_bert_dir, runs, capsys):
+    out = runs / "out"
+    code, stdout, err = run(capsys, "rewrite", tiny_bert_dir, "-o", out, "--r", "4", "--targets", "query", "value",
+                            "--report", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["files"] == sorted(ADAPTER_FILES | {"report.html"}) == sorted(p.name for p in out.iterdir())
+    assert os.listdir(runs) == ["out"]                         # the report was written in the staged folder
+    assert result["output"] == str(out) and result["method"] == "lora" and result["config"]["r"] == 4
+    assert result["counts"]["rewritten_sites"] == 4
+    assert result["counts"] == json.loads((out / "rewrite.json").read_text())["counts"]
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") >= 2                              # before and after drawings of the linear site
+    for rec in result["records"]:
+        assert rec["module_path"] in html
+
+
+def _saved_peft_config(folder: Path, config) -> Path:
+    config.save_pretrained(str(folder))
+    return folder / "adapter_config.json"
+
+
+def test_config_takes_a_peft_adapter_config_and_options_beside_it_override_it(tiny_bert_dir, runs, tmp_path, capsys):
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    file = _saved_peft_config(tmp_path / "peft", peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
+                                                                target_modules=["query", "value"],
+                                                                task_type="SEQ_CLS"))
+    out = runs / "out"
+    code, _, err = run(capsys, "rewrite", tiny_bert_dir, "--config", file, "--r", "2", "-o", out)
+    assert code == 0, err
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["r"] == 2                                     # the option given beside --config wins
+    assert written["lora_alpha"] == 16 and written["lora_dropout"] == 0.1 and written["use_rslora"] is True
+    assert written["base_model_name_or_path"] == str(tiny_bert_dir)
+    # the same config in PEFT gives the same keys and shapes
+    theirs = peft.get_peft_model(_bert(tiny_bert_dir), peft.LoraConfig(r=2, lora_alpha=16, lora_dropout=0.1,
+                                                                        use_rslora=True, task_type="SEQ_CLS",
+                                                                        target_modules=["query", "value"]))
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
+    got = {k: tuple(v.shape) for k, v in load_file(out / "adapter_model.safetensors").items()}
+    assert got == want
+
+
+def test_config_brings_its_method_and_refuses_a_contradicting_method(tmp_path, capsys):
+    import peft
+
+    file = _saved_peft_config(tmp_path / "ia3", peft.IA3Config(target_modules=["key", "value", "output.dense"],
+                                                              feedforward_modules=["output.dense"]))
+    args, method = cli.parse_args(["rewrite", "--config", str(file.parent), "--feedforward", "output.dense"])
+    config = cli.build_config(method, args)
+    assert method is registry.method("ia3") and type(config).__name__ == "IA3Config"
+    assert sorted(config.target_modules) == ["key", "output.dense", "value"]
+    assert config.feedforward_modules == ["output.dense"]
+
+    code, stdout, err = run(capsys, "rewrite", "--method", "lora", "--config", file, "--json")
+    assert_one_line_error(code, err)
+    assert "does not match --config" in err and "IA3" in err and stdout == ""
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = run(capsys, "inspect", "--config", tmp_path / "bad.json")
+    assert_one_line_error(code, err)
+    assert "is not valid JSON" in err
+
+
+def test_a_usage_error_and_an_internal_error_keep_stdout_empty_under_json(tiny_bert_dir, capsys, monkeypatch):
+    code, stdout, err = run(capsys, "inspect", tiny_bert_dir, "--json", "--r", "x")
+    assert_one_line_error(code, err)
+    assert "argument --r: expected an integer, got 'x'" in err and stdout == ""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture exploded")
+
+    monkeypatch.setattr(graphpeft, "capture", broken)
+    code, stdout, err = run(capsys, "inspect", tiny_bert_dir, "--json")
+    assert_one_line_error(code, err, expected_code=1)
+    assert "RuntimeError: capture exploded" in err and "please report it" in err and stdout == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_drawn_on_a_terminal_stderr_only_and_never_when_silenced(monkeypatch):
+    from graphpeft import progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress.bar(3, "epoch 1/1") as advance:
+        for _ in range(3):
+            advance(loss="0.5000", budget="11/16")
+    with progress.spinner("capturing the graph"):
+        pass
+    drawn = terminal.getvalue()
+    assert "epoch 1/1" in drawn and "budget=11/16" in drawn and "capturing the graph" in drawn
+
+    terminal.seek(0)
+    terminal.truncate()
+    with progress.silenced(), progress.bar(3, "epoch 1/1") as advance, progress.spinner("capturing"):
+        advance(loss="1")
+    with progress.bar(3, "epoch 1/1", show=False) as advance:
+        advance(loss="1")
+    assert terminal.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())   # not a terminal: nothing drawn
+    assert not progress.enabled()
+
+
+def test_methods_json_in_a_subprocess_prints_only_json(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "graphpeft", "methods", "--json"], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {m["name"] for m in json.loads(proc.stdout)["methods"]} == set(registry.methods())
