@@ -30,9 +30,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.match import Site, find_sites, is_stamped, module_stack_entry
 from graphpeft.rewriter import Rewriter, get_attr_path
+from graphpeft.rule import Rule
 from graphpeft.sequence import placeholder, prepend_positions, sequence_inputs
 
 aten = torch.ops.aten
@@ -88,6 +89,24 @@ def token_lookup(gm: fx.GraphModule, main: str = "input_ids") -> Optional[TokenL
     if site is None:
         return None
     return TokenLookup(site, wanted, _module_output(site.node, site.module_path))
+
+
+class TokenLookupRule(Rule):
+    """Base of the rules anchored on the token-embedding lookup of ``input_ids``: the pattern and the
+    check they share (the site; a ``token_dim`` in the config must be the embedding's size)."""
+
+    def sites(self, gm: fx.GraphModule) -> list[TokenLookup]:
+        lookup = token_lookup(gm, "input_ids")
+        if lookup is None:
+            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids; it needs a model "
+                               f"that embeds token ids (a text model with an input_ids input)")
+        return [lookup]
+
+    def check(self, lookup: TokenLookup) -> Optional[str]:
+        dim = getattr(self.config, "token_dim", None)
+        if dim is not None and dim != lookup.dim:
+            return f"token_dim={dim} but the embedding {lookup.module_path} has size {lookup.dim}; leave token_dim unset"
+        return None
 
 
 def lookup_rows(gm: fx.GraphModule, lookup: TokenLookup, ids: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,13 @@ import torch.fx as fx
 from torch import nn
 
 from graphpeft.config import PromptLearningConfig
-from graphpeft.errors import GraphPeftError, NoMatchError
+from graphpeft.errors import GraphPeftError
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
-from graphpeft.rule import Rule, RulePass
-from graphpeft.virtual_tokens import (TokenLookup, extend_sequence, fill_unset, model_dims, replace_leading_rows,
-                                      token_lookup)
+from graphpeft.rule import RulePass
+from graphpeft.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, model_dims,
+                                      replace_leading_rows)
 
 aten = torch.ops.aten
 ENCODERS = ("MLP", "LSTM")
@@ -115,23 +115,11 @@ class PromptEncoder(nn.Module):
 
 
 @register_rule
-class PTuningRule(Rule):
+class PTuningRule(TokenLookupRule):
     __doc__ = __doc__
     name = "p_tuning"
     mergeable = False
 
-    def sites(self, gm: fx.GraphModule) -> list[TokenLookup]:
-        lookup = token_lookup(gm, "input_ids")
-        if lookup is None:
-            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids; P-tuning needs a "
-                               f"model that embeds token ids (a text model with an input_ids input)")
-        return [lookup]
-
-    def check(self, lookup: TokenLookup) -> Optional[str]:
-        dim = self.config.token_dim
-        if dim is not None and dim != lookup.dim:
-            return f"token_dim={dim} but the embedding {lookup.module_path} has size {lookup.dim}; leave token_dim unset"
-        return None
 
     def rewrite(self, gm: fx.GraphModule, lookup: TokenLookup) -> Rewrite:
         cfg, name = self.config, self.adapter_name

@@ -36,13 +36,13 @@ import torch
 import torch.fx as fx
 
 from graphpeft.config import PromptLearningConfig
-from graphpeft.errors import GraphPeftError, NoMatchError
+from graphpeft.errors import GraphPeftError
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter
-from graphpeft.rule import Rule, RulePass
-from graphpeft.virtual_tokens import (TokenLookup, extend_sequence, fill_unset, initial_table, model_dims,
-                                      replace_leading_rows, token_lookup)
+from graphpeft.rule import RulePass
+from graphpeft.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, initial_table,
+                                      model_dims, replace_leading_rows)
 
 aten = torch.ops.aten
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -84,23 +84,11 @@ class PromptTuningConfig(PromptLearningConfig):
 
 
 @register_rule
-class PromptTuningRule(Rule):
+class PromptTuningRule(TokenLookupRule):
     __doc__ = __doc__
     name = "prompt_tuning"
     mergeable = False
 
-    def sites(self, gm: fx.GraphModule) -> list[TokenLookup]:
-        lookup = token_lookup(gm, "input_ids")
-        if lookup is None:
-            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids; prompt tuning needs a "
-                               f"model that embeds token ids (a text model with an input_ids input)")
-        return [lookup]
-
-    def check(self, lookup: TokenLookup) -> Optional[str]:
-        dim = self.config.token_dim
-        if dim is not None and dim != lookup.dim:
-            return f"token_dim={dim} but the embedding {lookup.module_path} has size {lookup.dim}; leave token_dim unset"
-        return None
 
     def rewrite(self, gm: fx.GraphModule, lookup: TokenLookup) -> Rewrite:
         cfg, name = self.config, self.adapter_name
