@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphpeft.capture import retarget_device
 from graphpeft.errors import GraphPeftError
 
 META = torch.device("meta")
@@ -163,10 +164,9 @@ def materialize(model: Any, weights: Union[str, os.PathLike, Iterable[Union[str,
     device = torch.device(device)
     files = _weight_files(weights)
     _load_base_weights(gm, files, device, adapter_params=_adapter_params(model))
-    _retarget_meta_device(gm.graph, device)
-    if getattr(model, "_base_graph", None) is not None:
-        _retarget_meta_device(model._base_graph, device)
-        model._base_cache.clear()
+    retarget_device(gm.graph, device)       # device='meta' constants recorded at capture
+    for graph in model._other_graphs() if hasattr(model, "_other_graphs") else ():
+        retarget_device(graph, device)       # the base graph and inactive adapters' graphs
     for name, buf in list(gm.named_buffers()):
         if not buf.is_meta and buf.device != device:
             _set_tensor(gm, name, buf.to(device))
@@ -283,21 +283,6 @@ def _set_tensor(gm: nn.Module, name: str, value: torch.Tensor) -> None:
     else:
         owner._buffers[leaf] = value
 
-
-def _retarget_meta_device(graph: fx.Graph, device: torch.device) -> None:
-    """Constants ``device='meta'`` recorded at capture now name ``device``."""
-    def swap(value: Any) -> Any:
-        if isinstance(value, torch.device) and value.type == "meta":
-            return device
-        if isinstance(value, (list, tuple)):
-            return type(value)(swap(v) for v in value)
-        if isinstance(value, dict):
-            return {k: swap(v) for k, v in value.items()}
-        return value
-
-    for node in graph.nodes:
-        if node.op == "call_function":
-            node.args, node.kwargs = swap(node.args), swap(node.kwargs)
 
 
 def _init_adapters(model: Any, adapter: Optional[Union[str, os.PathLike]]) -> None:
