@@ -19,7 +19,8 @@ the frozen ``ranknum``); the file keys are PEFT's: ``base_model.model.<path>.lor
 triplets; a pruned adapter is saved pruned and rewritten at its allocated ranks, as PEFT loads one.
 
 ``shrink_to_lora(model)`` turns an allocated adapter into plain LoRA (peft_type LORA) of the kept
-ranks, with the same outputs; ``save_as_lora(model, folder)`` writes it in PEFT's format.
+ranks, with the same outputs; ``save_as_lora(model, folder)`` writes it in PEFT's format, and ONNX
+export uses it (the ``export_form`` hook of ``AdaLoraPass``).
 """
 
 from __future__ import annotations
@@ -471,6 +472,17 @@ class AdaLoraPass(RulePass):
             state[f"{key}.lora_E"] = state[f"{key}.lora_E"][idx].contiguous()
             state[f"{key}.lora_B"] = state[f"{key}.lora_B"][:, idx].contiguous()
         return state
+
+
+    @staticmethod
+    def export_form(model: Any, adapter_name: str,
+                    config: AdaLoraConfig) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+        """What ONNX export writes instead: plain LoRA of the allocated ranks (``shrink_to_lora``).
+
+        Same outputs, no E or ranknum, pruned triplets and rank-0 sites gone; the edge trains that LoRA
+        (without the orthogonality regulariser, which constrains the SVD form only).
+        """
+        return shrink_to_lora(model, adapter_name)
 
 
 register_method("adalora", AdaLoraConfig, AdaLoraPass, "SVD-form LoRA with a rank budget allocated in training "

@@ -11,6 +11,7 @@
     graph.py     positional wrapper and torch.onnx (dynamo) export of the rewritten graph
     fixes.py     ONNX fixes that ONNX Runtime training needs (CastLike, sequence splits, IR version)
     inputs.py    example inputs and the task, read off the captured graph
+    form.py      the form an adapter is exported in (a method's export_form hook: e.g. AdaLoRA as plain LoRA)
     onnx.py      inference export
     training.py  training artifacts (generate_artifacts) and edge.json
     edge.py      the on-device trainer
@@ -22,8 +23,10 @@ can be merged come from the Rewrite records and the registry.
 
 from graphpeft.export.edge import EdgeHistory, EdgeTrainer, read_manifest
 from graphpeft.export.extra import MissingExtraError, require
+from graphpeft.export.form import ExportForm, export_form
 from graphpeft.export.onnx import OnnxExport, export_onnx
 from graphpeft.export.training import NoGradientError, TrainingExport, adapter_parameters, export_training
 
-__all__ = ["EdgeHistory", "EdgeTrainer", "MissingExtraError", "NoGradientError", "OnnxExport", "TrainingExport",
-           "adapter_parameters", "export_onnx", "export_training", "read_manifest", "require"]
+__all__ = ["EdgeHistory", "EdgeTrainer", "ExportForm", "MissingExtraError", "NoGradientError", "OnnxExport",
+           "TrainingExport", "adapter_parameters", "export_form", "export_onnx", "export_training", "read_manifest",
+           "require"]

@@ -94,8 +94,10 @@ def _export_inference(args: argparse.Namespace, peft_model: Any, tokenizer: Any,
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         write_json(tmp / "export.json", {"kind": "onnx", "merged": result.merged, "inputs": list(result.input_names),
                                          "outputs": list(result.output_names)})
-    adapters = sum(1 for n in result.initializers if any(n in rec.params for rec in peft_model.records))
+    adapters = len(result.adapter_initializers)
     how = "adapters merged into the weights" if result.merged else f"{adapters} adapter weights kept as initializers"
+    if result.statement:
+        print(result.statement)
     print(f"wrote {out}/model.onnx ({how}); inputs: {', '.join(result.input_names)}; "
           f"outputs: {', '.join(result.output_names)}")
     if result.external_data is not None:
@@ -117,6 +119,8 @@ def _export_training(args: argparse.Namespace, peft_model: Any, tokenizer: Any, 
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         sizes = {p.name: _size(p) for p in tmp.iterdir() if p.name.endswith("checkpoint")}
     loss = "next-token cross-entropy (-100 ignored)" if result.task == "causal-lm" else "cross-entropy over labels"
+    if result.statement:
+        print(result.statement)
     print(f"wrote {out}/ (training_model.onnx, eval_model.onnx, optimizer_model.onnx, "
           f"{', '.join(sorted(sizes))}, edge.json, adapter files, tokenizer/)")
     print(f"task: {result.task}, loss: {loss}; optimizer: {result.optimizer}"

@@ -7,7 +7,9 @@
 The model's inputs are the ones it was captured with (``input_ids``, ``attention_mask``, ...), batch and
 sequence dims dynamic where the model allows; its outputs are the tensor fields of the model's output
 (``logits``; ``last_hidden_state`` and ``pooler_output`` for a base model). Weights are named after their
-graph attributes. Above 2 GB of weights the file is written with external data (``model.onnx.data``).
+graph attributes; an adapter whose method defines an export form (``graphpeft.export.form``) is written in
+that form (``result.exported_as``). Above 2 GB of weights the file is written with external data
+(``model.onnx.data``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class OnnxExport:
     merged: bool
     external_data: Optional[Path] = None
     initializers: tuple[str, ...] = field(default=())
+    adapter_initializers: tuple[str, ...] = field(default=())   # initializers that are adapter parameters
+    exported_as: Optional[dict[str, Any]] = None   # the adapter's replacement (graphpeft.export.form), if any
+    statement: Optional[str] = None                # one line saying so
 
 
 def unmergeable_rules(model: Any) -> list[str]:
@@ -77,9 +82,12 @@ def export_onnx(model: Any, path: str | os.PathLike, merged: bool = True,
                 external_threshold: int = TWO_GB) -> OnnxExport:
     """Write ``model`` (a GraphPeftModel) as an ONNX inference model at ``path``; the model is left as it was."""
     require("ONNX export", training=False)
+    from graphpeft.export.form import export_form
     from graphpeft.export.graph import named_outputs, to_onnx
     from graphpeft.export.inputs import example_inputs as make_inputs
 
+    form = export_form(model)          # e.g. an allocated adapter as plain low-rank pairs of its kept ranks
+    model = form.model
     if merged:
         refused = unmergeable_rules(model)
         if refused:
@@ -92,5 +100,7 @@ def export_onnx(model: Any, path: str | os.PathLike, merged: bool = True,
         graph = to_onnx(target, inputs, outputs)
     path = Path(path)
     data = save_onnx(graph.model, path, external_threshold)
+    initializers = tuple(graph.model.graph.initializers)
+    adapter = {n for rec in model.records for n in rec.params}
     return OnnxExport(path, graph.input_names, graph.output_names, graph.dynamic_statement(), merged, data,
-                      tuple(graph.model.graph.initializers))
+                      initializers, tuple(n for n in initializers if n in adapter), form.replaced, form.statement)

@@ -13,8 +13,10 @@ writes into an existing, empty folder:
     adapter_config.json, adapter_model.safetensors   the adapter as exported (PEFT's format)
     edge.json             inputs, outputs, task, and which checkpoint parameter is saved under which PEFT key
 
-The trainable parameters are exactly the graph's adapter parameters (the Rewrite records' ``params``
-that require grad); every other weight of the model is frozen. The loss is the model's own transformers
+An adapter whose method defines an export form (``graphpeft.export.form``; AdaLoRA: plain LoRA of its
+allocated ranks) is exported, and saved beside the artifacts, in that form; edge.json's ``exported_as``
+says so. The trainable parameters are exactly the graph's adapter parameters (the Rewrite records'
+``params`` that require grad); every other weight of the model is frozen. The loss is the model's own transformers
 loss, exported inside the graph: causal LM, cross-entropy of the next token with -100 ignored;
 sequence classification, cross-entropy over the labels. It is the first output; sequence classifiers
 also return ``logits``.
@@ -62,6 +64,8 @@ class TrainingExport:
     optimizer: str
     nominal_checkpoint: bool
     notes: tuple[str, ...] = ()
+    exported_as: Optional[dict[str, Any]] = None   # the adapter's replacement (graphpeft.export.form), if any
+    statement: Optional[str] = None                # one line saying so
 
 
 def adapter_parameters(model: Any) -> list[str]:
@@ -143,6 +147,7 @@ def export_training(model: Any, folder: str | os.PathLike, optimizer: str = "ada
     import onnx_ir as ir
     from onnxruntime.training import artifacts
 
+    from graphpeft.export.form import ExportForm, export_form
     from graphpeft.export.graph import to_onnx
     from graphpeft.export.inputs import example_inputs as make_inputs
     from graphpeft.export.inputs import task_of
@@ -150,6 +155,9 @@ def export_training(model: Any, folder: str | os.PathLike, optimizer: str = "ada
 
     if optimizer not in OPTIMIZERS:
         raise GraphPeftError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    # the active adapter in the form its method exports (e.g. allocated ranks as plain low-rank pairs)
+    form = export_form(model) if adapter_name in (None, model.active_adapter) else ExportForm(model)
+    model = form.model
     task = task_of(model)
     if task is None:
         info = model.capture_info
@@ -215,10 +223,12 @@ def export_training(model: Any, folder: str | os.PathLike, optimizer: str = "ada
         "max_length": getattr(model.capture_info.hf_config, "max_position_embeddings", None),
         "model": getattr(model.capture_info, "name_or_path", None),
         "model_class": getattr(model.capture_info, "model_class", None),
+        "exported_as": form.replaced,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return TrainingExport(folder, task, graph.input_names, graph.output_names, tuple(trainable), tuple(frozen),
-                          graph.dynamic_statement(), optimizer, nominal_checkpoint, _training_notes(model))
+                          graph.dynamic_statement(), optimizer, nominal_checkpoint, _training_notes(model),
+                          form.replaced, form.statement)
 
 
 def _clamp_file(path: Path, onnx: Any) -> None:

@@ -26,7 +26,7 @@ import onnxruntime as ort  # noqa: E402
 
 import graphpeft  # noqa: E402
 from graphpeft import cli  # noqa: E402
-from graphpeft.export import EdgeTrainer, NoGradientError, export_onnx, export_training  # noqa: E402
+from graphpeft.export import EdgeTrainer, NoGradientError, export_form, export_onnx, export_training  # noqa: E402
 from graphpeft.rewriter import get_attr_path  # noqa: E402
 from tests.models import inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama  # noqa: E402
 
@@ -313,7 +313,6 @@ OTHER_METHODS = {
     "prompt_tuning": dict(num_virtual_tokens=4),
     "p_tuning": dict(num_virtual_tokens=4, encoder_hidden_size=16),
     "prefix_tuning": dict(num_virtual_tokens=4),
-    "adalora": dict(target_modules=["q_proj", "v_proj"], init_r=6, target_r=4, total_step=20),   # ranks as exported
 }
 
 
@@ -331,9 +330,74 @@ def test_parity_other_methods_on_llama(name, tmp_path):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     training = export_training(model, tmp_path / "artifacts", optimizer="sgd")
-    assert set(training.trainable) == {n for rec in model.records for n in rec.params
-                                       if get_attr_path(model.graph_module, n).requires_grad}
-    _parity(model, training.folder, _batches(model, "causal-lm"), "sgd", lr=0.5)
+    exported = export_form(model).model                         # the model itself unless its method has an export form
+    assert set(training.trainable) == {n for rec in exported.records for n in rec.params
+                                       if get_attr_path(exported.graph_module, n).requires_grad}
+    _parity(exported, training.folder, _batches(model, "causal-lm"), "sgd", lr=0.5)
+
+
+def _allocated_adalora(batches: list[dict]):
+    """Tiny llama with AdaLoRA on q/k/v/o (init_r 4, target_r 1), after 3 SGD steps with rank allocation."""
+    config = graphpeft.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                     init_r=4, target_r=1, tinit=0, tfinal=0, deltaT=1, total_step=4, lora_alpha=16)
+    torch.manual_seed(0)
+    model = graphpeft.rewrite(tiny_llama(), config).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step, batch in enumerate(batches):
+        model(**batch).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    return model
+
+
+def test_adalora_is_exported_for_training_as_plain_lora_of_its_allocated_ranks(tmp_path):
+    """The artifacts train plain LoRA of the kept ranks (rank-0 sites dropped): same step-0 loss as the AdaLoRA
+    model, the same 3 SGD steps as PyTorch on that LoRA, and the edge adapter is a LoRA adapter PEFT loads."""
+    import peft
+    from onnxruntime.training.api import CheckpointState
+
+    batches = _batches(tiny_llama(), "causal-lm", steps=6)
+    model = _allocated_adalora(batches[:3])
+    masks = {k[: -len(".lora_E.default")]: m for k, m in model.peft_config["default"].rank_pattern.items()}
+    ranks = {path: sum(m) for path, m in masks.items() if sum(m)}
+    assert 0 in {sum(m) for m in masks.values()} and ranks, "some site pruned to rank 0, some kept"
+    training = export_training(model, tmp_path / "artifacts", optimizer="sgd")
+    assert training.exported_as["ranks"] == ranks and training.exported_as["peft_type"] == "LORA"
+    assert "exported as plain lora" in training.statement and str(sorted(ranks.values())[0]) in training.statement
+    manifest = json.loads((training.folder / "edge.json").read_text())
+    assert manifest["exported_as"] == training.exported_as
+
+    state = CheckpointState.load_checkpoint(str(training.folder / "checkpoint"))
+    shapes = {name: tuple(p.data.shape) for name, p in state.parameters if p.requires_grad}
+    want = {}
+    for path, r in ranks.items():
+        weight = get_attr_path(model.graph_module, f"{path}.weight")
+        want[f"{path}.lora_A.default.weight"] = (r, weight.shape[1])
+        want[f"{path}.lora_B.default.weight"] = (weight.shape[0], r)
+    assert shapes == want                                        # no lora_E, no ranknum, no rank-0 site
+    assert set(manifest["trainable"].values()) == {f"base_model.model.{n[:-len('.default.weight')]}.weight"
+                                                    for n in want}
+
+    step0 = {k: v.numpy() for k, v in batches[3].items()}
+    ort_loss = EdgeTrainer(training.folder).step(step0)         # the loss before its first step
+    reference = copy.deepcopy(model).train()
+    reference.peft_config["default"].orth_reg_weight = 0.0       # the task loss: plain LoRA has no SVD regulariser
+    with torch.no_grad():
+        assert abs(ort_loss - reference(**batches[3]).loss.item()) < 1e-5
+
+    lora = export_form(model).model
+    assert {type(c).__name__ for c in lora.peft_config.values()} == {"LoraConfig"}
+    trainer, trained, _ = _parity(lora, training.folder, batches[3:], "sgd", lr=0.5)
+    trainer.save_adapter(tmp_path / "edge")
+    assert json.loads((tmp_path / "edge" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    ids = batches[0]["input_ids"]
+    ours = graphpeft.from_pretrained(tiny_llama(), str(tmp_path / "edge"))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "edge")).eval()
+    with torch.no_grad():
+        want_logits = trained.eval()(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits, want_logits, rtol=0, atol=ADAPTER_ATOL)
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want_logits, rtol=0, atol=ADAPTER_ATOL)
 
 
 def test_merged_export_refuses_token_adapters(tmp_path):
@@ -482,3 +546,28 @@ def test_cli_bad_artifacts_folder_and_mismatched_data(cli_run, tmp_path, capsys)
     assert "seq-cls" in line and "causal-lm" in line
     assert not (tmp_path / "x").exists()
     assert os.listdir(tmp_path) == ["labelled.jsonl"]
+
+
+def test_cli_exports_an_allocated_adalora_adapter_as_plain_lora_and_says_so(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = _allocated_adalora(_batches(tiny_llama(), "causal-lm", steps=3))
+    model.save_pretrained(str(tmp_path / "adalora"))                 # saved pruned, as PEFT saves it
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "adalora"), str(tiny_llama_dir), "--onnx", "--unmerged"]) == 0
+    out = capsys.readouterr().out
+    ranks = {k[: -len(".lora_E.default")]: sum(m) for k, m in model.peft_config["default"].rank_pattern.items()}
+    kept = {path: r for path, r in ranks.items() if r}
+    line = next(line for line in out.splitlines() if "exported as plain lora" in line)
+    assert all(f"{path}: {r}" in line for path, r in kept.items()) and len(kept) < len(ranks)
+    assert f"{2 * len(kept)} adapter weights kept as initializers" in out
+    exported = tmp_path / "adalora" / "onnx" / "model.onnx"
+    saved = {i.name: tuple(i.dims) for i in onnx.load(str(exported)).graph.initializer}
+    assert not any(".lora_E." in n or ".ranknum." in n for n in saved)
+    assert all(saved[f"{path}.lora_A.default.weight"][0] == r for path, r in kept.items())
+    reference = graphpeft.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                          str(tmp_path / "adalora"))
+    batch = inputs_for(reference.graph_module, batch=2, seq=6, seed=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort_logits(exported, batch),
+                                   reference(**batch).logits.numpy(), rtol=0, atol=LOGITS_ATOL)
