@@ -705,6 +705,17 @@ def cmd_rewrite(args: argparse.Namespace, method: registry.Method) -> dict:
     return {**report, "output": str(out), "files": files}
 
 
+def _check_row_fields(peft_model: Any, data: Any) -> None:
+    """Inputs a pass added to the graph (task ids) must come from an integer field of every row."""
+    from graphpeft.data import integer_fields
+    from graphpeft.rewriter import EXTRA_INPUTS
+
+    missing = sorted(set(peft_model.graph_module.meta.get(EXTRA_INPUTS, {})) - integer_fields(data))
+    if missing:
+        raise GraphPeftError(f"the adapter needs {missing[0]} for every row: add an integer field "
+                             f"\"{missing[0]}\" to each line of {data.path}")
+
+
 def cmd_train(args: argparse.Namespace, method: registry.Method) -> dict:
     import torch
 
@@ -743,6 +754,7 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> dict:
         config = build_config(method, args, task_type=_task_type(model), base_model_name_or_path=name,
                               total_step=steps)
         peft_model = _rewrite(gm, config, method)
+    _check_row_fields(peft_model, data)
     task = f"{data.task}, {data.num_labels} labels" if data.task == SEQ_CLS else data.task
     print(f"data: {args.data} ({len(data)} rows, {task})")
     print(f"model: {name} ({type(model).__name__}); {method.name} on {len(peft_model.records)} sites:")

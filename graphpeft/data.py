@@ -4,6 +4,8 @@ One object per line:
 
     {"text": "a review ..."}                 causal language modelling (task "causal-lm")
     {"text": "a review ...", "label": 1}     sequence classification (task "seq-cls"), labels 0..K-1
+    {"text": "...", "task_ids": 2}           other integer fields are kept and batched under their name:
+                                             inputs a pass added to the graph (task ids) read them
 
 Every line must have the same form. A bad row is a GraphPeftError naming the file and the line.
 Blank lines are skipped.
@@ -29,6 +31,7 @@ CAUSAL_LM, SEQ_CLS = "causal-lm", "seq-cls"
 class Example:
     text: str
     label: Optional[int] = None
+    extras: tuple[tuple[str, int], ...] = ()     # other integer fields, e.g. ("task_ids", 2)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,15 @@ def _parse_row(name: str, number: int, line: str) -> Example:
         raise GraphPeftError(f"{where}: field 'label' must be an integer, got {label!r}")
     if label is not None and label < 0:
         raise GraphPeftError(f"{where}: field 'label' must be >= 0, got {label}")
-    return Example(text, label)
+    extras = tuple(sorted((k, v) for k, v in row.items() if k not in ("text", "label")
+                          and isinstance(v, int) and not isinstance(v, bool)))
+    return Example(text, label, extras)
+
+
+def integer_fields(dataset: Dataset) -> set[str]:
+    """The extra integer fields every row of ``dataset`` carries."""
+    fields = [dict(e.extras).keys() for e in dataset.examples]
+    return set.intersection(*(set(f) for f in fields)) if fields else set()
 
 
 class Collator:
@@ -127,6 +138,9 @@ class Collator:
             labels = batch["input_ids"].clone()
             labels[batch["attention_mask"] == 0] = -100
             batch["labels"] = labels
+        shared = set.intersection(*(set(dict(e.extras)) for e in examples)) if examples else set()
+        for name in sorted(shared - set(batch)):
+            batch[name] = torch.tensor([dict(e.extras)[name] for e in examples], dtype=torch.long)
         return batch
 
 

@@ -191,3 +191,23 @@ def test_cli_rewrite(tiny_llama_dir, tmp_path, capsys):
                      "multitask_prompt_tuning", "--num-virtual-tokens", "3", "--init", "EXACT_SOURCE_TASK"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--init-from" in err
+
+
+def test_cli_trains_with_task_ids_from_the_rows(tiny_llama_dir, tmp_path, capsys):
+    """`graphpeft train` batches an integer row field under its name; task_ids feeds the graph's input."""
+    rows = [{"text": f"task {i % 3} says hello number {i}", "task_ids": i % 3} for i in range(12)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "trained"
+    code = cli.main(["train", str(out), "--data", str(data), str(tiny_llama_dir), "--method",
+                     "multitask_prompt_tuning", "--num-virtual-tokens", "3", "--num-tasks", "3",
+                     "--epochs", "2", "--lr", "0.05", "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    log = json.loads((out / "train.json").read_text())
+    assert len(log["step_losses"]) == 6 and log["epoch_losses"][-1] < log["epoch_losses"][0]
+    # rows without the field: one line naming it, nothing written
+    data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    code = cli.main(["train", str(tmp_path / "none"), "--data", str(data), str(tiny_llama_dir), "--method",
+                     "multitask_prompt_tuning", "--num-virtual-tokens", "3", "--num-tasks", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and '"task_ids"' in err and not (tmp_path / "none").exists()
