@@ -2,7 +2,7 @@
 
     trainer = EdgeTrainer("artifacts")                  # CheckpointState, Module, Optimizer
     loss = trainer.step(batch)                          # batch: {input name: numpy array}, labels included
-    history = trainer.train(batches, epochs=3, lr=1e-3) # LinearLRScheduler, tqdm bar
+    history = trainer.train(batches, epochs=3, lr=1e-3) # LinearLRScheduler, a progress bar
     trainer.save_adapter("adapter")                     # PEFT's format: loads into graphpeft and into PEFT
 
 Only numpy and onnxruntime-training are needed to train; writing the adapter uses safetensors. The
@@ -129,7 +129,7 @@ class EdgeTrainer:
               progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None) -> EdgeHistory:
         """``epochs`` passes over ``batches`` (re-iterated each epoch), learning rate decayed linearly to 0."""
         from onnxruntime.training.api import LinearLRScheduler
-        from tqdm.auto import tqdm
+        from graphpeft import progress as _progress
 
         if not isinstance(epochs, int) or epochs <= 0:
             raise GraphPeftError(f"epochs must be a positive integer, got {epochs!r}")
@@ -145,13 +145,12 @@ class EdgeTrainer:
         try:
             for epoch in range(epochs):
                 losses = []
-                bar = tqdm(batches, desc=f"edge epoch {epoch + 1}/{epochs}", disable=None if progress else True,
-                           leave=False)
-                for batch in bar:
-                    loss = self.step(batch)
-                    losses.append(loss)
-                    history.step_losses.append(loss)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                with _progress.bar(steps_per_epoch, f"edge epoch {epoch + 1}/{epochs}", show=progress) as advance:
+                    for batch in batches:
+                        loss = self.step(batch)
+                        losses.append(loss)
+                        history.step_losses.append(loss)
+                        advance(loss=f"{loss:.4f}")
                 if not losses:
                     raise GraphPeftError("no training batches: the data set is empty")
                 history.epoch_losses.append(sum(losses) / len(losses))
