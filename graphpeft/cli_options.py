@@ -30,41 +30,23 @@ _NUMBER = re.compile(r"^-\d|^-\.\d")
 
 # -- option values ------------------------------------------------------------------------------------
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"expected an integer, got {text!r}") from None
+def _parser(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """A converter: ``cast(text)`` that must satisfy ``ok``, else ValueError("expected <expected>, got ...")."""
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise ValueError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise ValueError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise ValueError(f"expected a number >= 0, got {text!r}")
-    return value
+_int = _parser(int, lambda v: True, "an integer")
+_positive_int = _parser(int, lambda v: v > 0, "a positive integer")
+_positive_float = _parser(float, lambda v: v > 0, "a positive number")
+_non_negative_float = _parser(float, lambda v: v >= 0, "a number >= 0")
 
 
 def _number(text: str) -> float | int:
