@@ -194,12 +194,9 @@ def test_method_options_are_built_from_the_config_fields():
     assert config.target_modules == "all-linear" and config.use_rslora is True
 
 
-def test_help_lists_method_options_and_a_new_method_brings_its_own(capsys, monkeypatch):
-    code, stdout, _ = run(capsys, "rewrite", "--help")
-    assert code == 0
-    for flag in ("--r", "--alpha", "--dropout", "--targets", "--rslora", "--overwrite", cli.DEFAULT_OUT):
-        assert flag in stdout
-
+@pytest.fixture()
+def toy_method(monkeypatch):
+    """A method registered for the test only (config with one CLI field, --width); returns its config class."""
     @dataclasses.dataclass
     class ToyConfig(TargetingConfig):
         peft_type = "TOY"
@@ -209,12 +206,21 @@ def test_help_lists_method_options_and_a_new_method_brings_its_own(capsys, monke
         rule_cls = None
 
     monkeypatch.setitem(registry._METHODS, "toy", registry.Method("toy", ToyConfig, ToyPass, "a toy method"))
+    return ToyConfig
+
+
+def test_help_lists_method_options_and_a_new_method_brings_its_own(capsys, toy_method):
+    code, stdout, _ = run(capsys, "rewrite", "--help")
+    assert code == 0
+    for flag in ("--r", "--alpha", "--dropout", "--targets", "--rslora", "--overwrite", cli.DEFAULT_OUT):
+        assert flag in stdout
+
     code, stdout, _ = run(capsys, "train", "--method", "toy", "--help")
     assert code == 0
     assert "--width" in stdout and "toy width (default: 3)" in stdout and "--targets" in stdout
     assert "--alpha" not in stdout and "--r " not in stdout
     args, method = cli.parse_args(["rewrite", "--method", "toy", "--width", "5"])
-    assert cli.build_config(method, args) == ToyConfig(width=5)
+    assert cli.build_config(method, args) == toy_method(width=5)
 
 
 # -- bad input: exit 2, one line, nothing left behind ---------------------------------------------
@@ -329,16 +335,7 @@ def _option_rows(method: registry.Method) -> list[tuple[str, str, object]]:
     return rows
 
 
-def test_methods_lists_every_registered_method_with_its_options(capsys, monkeypatch):
-    @dataclasses.dataclass
-    class ToyConfig(TargetingConfig):
-        peft_type = "TOY"
-        width: int = dataclasses.field(default=3, metadata={"cli": "--width", "help": "toy width"})
-
-    class ToyPass(RulePass):
-        rule_cls = None
-
-    monkeypatch.setitem(registry._METHODS, "toy", registry.Method("toy", ToyConfig, ToyPass, "a toy method"))
+def test_methods_lists_every_registered_method_with_its_options(capsys, toy_method):
     code, stdout, err = run(capsys, "methods")
     assert code == 0, err
     blocks = {b.split()[0]: b for b in stdout.strip().split("\n\n") if b.strip()}
