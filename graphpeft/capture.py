@@ -42,6 +42,8 @@ class CaptureInfo:
     hf_config: Any = None                        # transformers PretrainedConfig, when a HF model
     loss_type: Optional[str] = None              # transformers loss_type ("ForCausalLM", ...)
     name_or_path: Optional[str] = None
+    main_input_name: str = "input_ids"          # what the model calls its main input (pixel_values, ...)
+    generation_config: Any = None                # transformers GenerationConfig of a model that generates
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -85,6 +87,8 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
         hf_config=getattr(model, "config", None) if hf else None,
         loss_type=(getattr(model, "loss_type", None) or _causal_lm_loss_type(model)) if hf else None,
         name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        main_input_name=getattr(model, "main_input_name", "input_ids"),
+        generation_config=getattr(model, "generation_config", None) if hf else None,
     )
     gm.meta[CAPTURE_META] = info
     set_train_mode(gm, model.training)

@@ -173,13 +173,19 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> dict:
 
     import graphpeft
     from graphpeft import hub
-    from graphpeft.data import SEQ_CLS, make_loader, read_jsonl
+    from graphpeft.data import SEQ_CLS, Collator, read_jsonl
     from graphpeft.match import find_sites
     from graphpeft.train import train
 
     data = read_jsonl(args.data)
+    eval_data = read_jsonl(args.eval_data) if args.eval_data else None
+    if eval_data is not None and (eval_data.task, eval_data.num_labels) != (data.task, data.num_labels):
+        raise GraphPeftError(f"--eval-data {args.eval_data} is {eval_data.task} with {eval_data.num_labels} labels, "
+                             f"but --data is {data.task} with {data.num_labels}; give rows of the same form")
+    if args.resume and not Path(args.resume).is_dir():
+        raise GraphPeftError(f"--resume {args.resume} is not a folder; pass a checkpoint-N folder written by --save-steps")
     # a config that needs the training length (a field total_step) gets the number of optimizer steps
-    steps = args.epochs * math.ceil(len(data) / args.batch_size)
+    steps = args.epochs * math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum)
     if args.adapter:
         given = method_options_given(method, args) + (["--config"] if args.config else [])
         if given:
@@ -216,13 +222,26 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> dict:
     if max_positions:   # virtual tokens a method puts in front of the text take positions too
         max_positions -= getattr(config, "num_virtual_tokens", None) or 0
     max_length = min(args.max_length, max_positions or args.max_length)
-    loader = make_loader(data, tokenizer, batch_size=args.batch_size, max_length=max_length, seed=args.seed)
-    history = train(peft_model, loader, epochs=args.epochs, lr=args.lr,
+    checkpoints = None
+    if args.save_steps:
+        checkpoints = Path(args.checkpoint_dir or f"{out}-checkpoints").expanduser()
+    history = train(peft_model, data.examples, Collator(tokenizer, data.task, max_length), epochs=args.epochs,
+                    lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_scheduler=args.lr_scheduler,
+                    warmup_ratio=args.warmup_ratio, gradient_checkpointing=args.gradient_checkpointing,
+                    eval_rows=eval_data.examples if eval_data else None, save_steps=args.save_steps,
+                    checkpoint_dir=str(checkpoints) if checkpoints else None, resume=args.resume, seed=args.seed,
                     on_epoch=lambda i, loss: print(f"epoch {i + 1}/{args.epochs}: mean loss {loss:.4f}", flush=True))
+    for i, result in enumerate(history.evaluations):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss", "accuracy"))
+        print(f"eval after epoch {i + 1}: {shown} ({args.eval_data})")
     report = rewrite_report("train", method, name, model, config, peft_model, len(candidates))
     log = {"data": str(args.data), "rows": len(data), "task": data.task, "num_labels": data.num_labels,
            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": max_length,
-           "seed": args.seed, "epoch_losses": history.epoch_losses, "step_losses": history.step_losses}
+           "grad_accum": args.grad_accum, "lr_scheduler": args.lr_scheduler, "warmup_ratio": args.warmup_ratio,
+           "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed,
+           "epoch_losses": history.epoch_losses, "step_losses": history.step_losses,
+           "evaluations": history.evaluations, "checkpoints": str(checkpoints) if checkpoints else None,
+           "resumed_from": args.resume}
     with staged_output(out, args.overwrite) as tmp:
         peft_model.save_pretrained(str(tmp))
         write_json(tmp / "rewrite.json", report)

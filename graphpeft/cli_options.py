@@ -318,6 +318,30 @@ def _training_options(seed_help: str) -> list[click.Parameter]:
     ]
 
 
+def _trainer_options() -> list[click.Parameter]:
+    """What ``graphpeft train`` hands transformers' Trainer (its TrainingArguments of the same names)."""
+    from graphpeft.train import LR_SCHEDULERS
+
+    return [
+        _opt("--grad-accum", "grad_accum", type=POSITIVE_INT, default=1, metavar="N",
+             help="batches per optimizer step (gradient accumulation; default: 1)"),
+        _opt("--lr-scheduler", "lr_scheduler", type=click.Choice(LR_SCHEDULERS), default="constant",
+             help="learning-rate schedule (default: constant, as before; 'linear' is transformers' Trainer's)"),
+        _opt("--warmup-ratio", "warmup_ratio", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="R",
+             help="fraction of the steps spent warming the learning rate up (default: 0)"),
+        _flag("--gradient-checkpointing", "gradient_checkpointing",
+              help="recompute each layer's activations in the backward pass: less memory, slower steps"),
+        _opt("--eval-data", "eval_data", metavar="FILE", default=None,
+             help="JSONL rows (same form as --data) evaluated after every epoch: loss, and accuracy for labels"),
+        _opt("--save-steps", "save_steps", type=POSITIVE_INT, default=None, metavar="N",
+             help="write a checkpoint every N optimizer steps to --checkpoint-dir (adapter, optimizer, schedule)"),
+        _opt("--checkpoint-dir", "checkpoint_dir", metavar="DIR", default=None,
+             help="where --save-steps writes checkpoint-N folders (default: OUT-checkpoints, beside OUT)"),
+        _opt("--resume", "resume", metavar="CHECKPOINT", default=None,
+             help="continue an interrupted run from a checkpoint-N folder written by --save-steps"),
+    ]
+
+
 def make_commands(method: registry.Method) -> dict[str, click.Command]:
     """Every subcommand, with ``method``'s options on inspect, rewrite and train."""
     model_arg = click.Argument(["model"], required=False, metavar="[MODEL]")
@@ -364,11 +388,16 @@ def make_commands(method: registry.Method) -> dict[str, click.Command]:
                 *_method_common(method),
                 _opt("--adapter", "adapter", metavar="DIR", default=None,
                      help="continue training a saved adapter (its adapter_config.json replaces the method options)"),
-                *_training_options("seed for weights init and data order (default: 0)"), _overwrite(), *mp],
+                *_training_options("seed for weights init and data order (default: 0)"), *_trainer_options(),
+                _overwrite(), *mp],
         short_help="train an adapter on a JSONL file and save it",
         help="Train an adapter on JSON Lines data: rows {\"text\": ...} train a causal LM, rows "
              "{\"text\": ..., \"label\": int} a sequence classifier (labels 0..K-1).",
         epilog=_examples("graphpeft train adapter --data train.jsonl path/to/model --epochs 3 --lr 1e-3",
+                         "graphpeft train adapter --data train.jsonl model --grad-accum 4 --gradient-checkpointing "
+                         "--eval-data test.jsonl",
+                         "graphpeft train adapter --data train.jsonl model --save-steps 50 "
+                         "--resume adapter-checkpoints/checkpoint-50",
                          "graphpeft train adapter --data train.jsonl path/to/model --method adalora --init-r 12",
                          "graphpeft train adapter2 --data more.jsonl path/to/model --adapter adapter"))
 

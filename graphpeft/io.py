@@ -83,6 +83,25 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "
     return out
 
 
+RESUME_INDEX_NAME = "model.safetensors.index.json"
+
+
+def write_resume_index(directory: str | os.PathLike, adapter_name: str, state_keys: list[str]) -> Path:
+    """transformers' checkpoint index naming the adapter's weights file, so that Trainer can resume.
+
+    Trainer resumes a model that is not a PeftModel by reading the files an index names and passing
+    their tensors to ``model.load_state_dict``; GraphPeftModel takes PEFT-keyed adapter tensors there.
+    ``state_keys`` are the model's state-dict names of what the file holds (Trainer compares them with
+    the model's own to warn about missing keys).
+    """
+    folder = Path(directory)
+    weights = WEIGHTS_NAME if adapter_name == "default" else f"{adapter_name}/{WEIGHTS_NAME}"
+    index = {"metadata": {"format": "graphpeft adapter", "adapter_name": adapter_name},
+             "weight_map": {key: weights for key in sorted(state_keys)}}
+    atomic_write_many({folder / RESUME_INDEX_NAME: lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n")})
+    return folder / RESUME_INDEX_NAME
+
+
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config dict, {key: tensor}) from a PEFT-format adapter folder, with one-line errors."""
     folder = Path(directory)

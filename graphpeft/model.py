@@ -33,6 +33,8 @@ from graphpeft.result import Rewrite
 from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path
 
 _IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
+# loss options transformers' Trainer passes to models whose forward takes **kwargs; causal-LM losses use them
+_LOSS_KWARGS = ("num_items_in_batch",)
 _REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "past_key_values")
 _GRAPH_META = (EXTRA_INPUTS, EXTRA_INPUT_CHECKS)   # graph-module meta that belongs to one adapter's graph
 
@@ -41,7 +43,7 @@ class CapturedModel(nn.Module):
     """A captured graph that takes the original model's arguments and returns its output type."""
 
     def __init__(self, graph_module: fx.GraphModule):
-        super().__init__()
+        nn.Module.__init__(self)      # not super(): a presented class may have PreTrainedModel after this one
         self.graph_module = graph_module
         self.training = graph_module.training
 
@@ -74,6 +76,7 @@ class CapturedModel(nn.Module):
 
     def _call(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
         info = capture_info(gm)
+        loss_kwargs = {name: kwargs.pop(name) for name in _LOSS_KWARGS if name in kwargs}
         extras = _extra_inputs(gm, kwargs)
         if info is None or info.mode != "export" or info.signature is None:
             return gm(*args, **kwargs, **extras)
@@ -97,7 +100,7 @@ class CapturedModel(nn.Module):
             values["decoder_input_ids"] = _decoder_inputs_from_labels(labels, info)
         for name in info.input_names:
             if name not in values:
-                values[name] = _default_input(name, values)
+                values[name] = _default_input(name, values, info.input_names)
         ordered = [values[n] for n in info.input_names]
         positional, named = ordered[:info.positional], dict(zip(info.input_names[info.positional:], ordered[info.positional:]))
         try:
@@ -108,7 +111,7 @@ class CapturedModel(nn.Module):
             raise GraphPeftError(f"inputs do not fit the shapes the graph was captured for ({exc}); "
                                  f"rewrite with example_inputs of the shapes you need") from None
         if labels is not None:
-            out = _with_loss(out, labels, info)
+            out = _with_loss(out, labels, info, loss_kwargs)
         return out
 
 
@@ -139,16 +142,23 @@ def _bind(info: CaptureInfo, args: tuple, kwargs: dict) -> dict:
     return values
 
 
-def _default_input(name: str, values: dict) -> torch.Tensor:
+def _default_input(name: str, values: dict, expected: tuple[str, ...]) -> torch.Tensor:
     ref = values.get("input_ids") if not name.startswith("decoder_") else values.get("decoder_input_ids")
     if ref is not None and name.endswith("attention_mask"):
         return torch.ones_like(ref)
     if ref is not None and name == "token_type_ids":
         return torch.zeros_like(ref)
-    raise GraphPeftError(f"missing input {name!r}: the graph was captured with it; pass {name}=...")
+    given = ", ".join(sorted(values)) or "none"
+    raise GraphPeftError(f"missing input {name!r}: the graph was captured with inputs {', '.join(expected)} "
+                         f"(given: {given}); pass {name}=... (in a data set, a column named {name})")
 
 
-def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo) -> Any:
+def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo, loss_kwargs: Optional[dict] = None) -> Any:
+    """The loss the model's own class computes from these logits and labels.
+
+    ``loss_kwargs`` (``num_items_in_batch`` from transformers' Trainer under gradient accumulation) reach
+    the causal-LM loss, which sums and divides by them, as the model classes pass their ``**kwargs`` on.
+    """
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     logits = out["logits"] if isinstance(out, dict) else out[0]
@@ -170,7 +180,8 @@ def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo) -> Any:
         loss = fn(logits, labels, config)
     else:
         vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
-        loss = fn(logits=logits, labels=labels, vocab_size=vocab)
+        extra = (loss_kwargs or {}) if info.loss_type == "ForCausalLM" else {}
+        loss = fn(logits=logits, labels=labels, vocab_size=vocab, **extra)
     return _replace_loss(out, loss)
 
 
@@ -198,11 +209,32 @@ def _decoder_inputs_from_labels(labels: torch.Tensor, info: CaptureInfo) -> torc
 
 
 class GraphPeftModel(CapturedModel):
-    """A rewritten graph with adapters: train it, save the adapter, merge it, or switch it off."""
+    """A rewritten graph with adapters: train it, save the adapter, merge it, or switch it off.
+
+    ``GraphPeftModel(...)`` gives an instance of a subclass made for the captured model (see
+    ``presented_class``): its ``forward`` shows the captured model's signature, which is what
+    transformers' Trainer reads to keep dataset columns and find the labels.
+    """
+
+    supports_gradient_checkpointing = True
+
+    def __new__(cls, graph_module: Optional[fx.GraphModule] = None, *args: Any, **kwargs: Any) -> "GraphPeftModel":
+        if cls is GraphPeftModel and graph_module is not None:
+            cls = presented_class(capture_info(graph_module), tuple(graph_module.meta.get(EXTRA_INPUTS, {})))
+        return super().__new__(cls)
 
     def __init__(self, graph_module: fx.GraphModule, configs: dict[str, Any], records: tuple[Rewrite, ...],
                  base_graph: fx.Graph):
         super().__init__(graph_module)
+        info = capture_info(graph_module)
+        if info is not None and info.hf_config is not None:   # what transformers and TRL read off a model
+            self.config = info.hf_config
+            self.name_or_path = info.name_or_path or ""
+            self.main_input_name = info.main_input_name
+            self.generation_config = info.generation_config
+            self.loss_type = info.loss_type          # Trainer counts shifted labels for "ForCausalLM"
+            self.warnings_issued: dict[str, bool] = {}
+        self._checkpointing: Optional[dict[str, Any]] = None   # activation checkpointing options, when on
         self.peft_config = dict(configs)
         self.records = tuple(records)
         self.active_adapter = next(iter(self.peft_config), "default")
@@ -225,7 +257,7 @@ class GraphPeftModel(CapturedModel):
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
         if not self._disabled:
-            return self._call(self.graph_module, args, kwargs)
+            return self._call(self._running_module(), args, kwargs)
         for name in self.graph_module.meta.get(EXTRA_INPUTS, {}):   # inputs only the adapters read
             kwargs.pop(name, None)
         return self._call(self._base_module(), args, kwargs)
@@ -277,6 +309,73 @@ class GraphPeftModel(CapturedModel):
             self._base_cache["base"] = base
             set_train_mode(base, self.training)
         return self._base_cache["base"]
+
+    # -- activation checkpointing (transformers' names and options) --------------------------------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them (training only).
+
+        As transformers: ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+        (default ``use_reentrant=False``), every ``every_n_layers``-th layer is checkpointed, ``offload``
+        keeps the saved layer inputs in host memory. The graph is cut at its layers (graphpeft.checkpointing).
+        """
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise GraphPeftError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        options = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        self._checkpointing = {"options": options, "every_n_layers": every_n_layers, "offload": bool(offload)}
+        self._base_cache.clear()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """The older name of ``activation_checkpointing_enable`` (PEFT and TRL call this one)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._checkpointing = None
+        self._base_cache.clear()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing is not None
+
+    def _running_module(self) -> fx.GraphModule:
+        """The active adapter's graph, or, while training with checkpointing on, its checkpointed form."""
+        return self._checkpointed("checkpointed", self.graph_module)
+
+    def _checkpointed(self, key: str, gm: fx.GraphModule) -> fx.GraphModule:
+        if self._checkpointing is None or not self.training:
+            return gm
+        if key not in self._base_cache:
+            from graphpeft.checkpointing import checkpoint_function, checkpointed
+
+            options = self._checkpointing
+            self._base_cache[key] = checkpointed(gm, checkpoint_function(options["options"], options["offload"]),
+                                                 options["every_n_layers"],
+                                                 inputs_need_grad=bool(options["options"].get("use_reentrant")))
+        return self._base_cache[key]
+
+    # -- the model without its head, as transformers names it (TRL's fused LM-head loss uses both) ----
+    @property
+    def base_model(self) -> Any:
+        """Calls the running graph up to the output head; returns ``last_hidden_state`` (graphpeft.backbone)."""
+        from graphpeft.backbone import Backbone
+
+        return Backbone(self)
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The output head's weight and bias (the parameters themselves; frozen unless an adapter trains them)."""
+        from graphpeft.backbone import output_head_view
+
+        return output_head_view(self.graph_module)
+
+    def _backbone_module(self) -> fx.GraphModule:
+        key = "backbone-disabled" if self._disabled else "backbone"
+        if key not in self._base_cache:
+            from graphpeft.backbone import backbone_module
+
+            self._base_cache[key] = backbone_module(self._base_module() if self._disabled else self.graph_module)
+        return self._checkpointed(f"{key}-checkpointed", self._base_cache[key])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -383,6 +482,7 @@ class GraphPeftModel(CapturedModel):
         self._parked[self.active_adapter] = (gm.graph, {k: gm.meta.pop(k) for k in _GRAPH_META if k in gm.meta})
 
     def _unpark(self, adapter_name: str) -> None:
+        self._base_cache.clear()      # graphs derived from the active one are rebuilt when next needed
         graph, meta = self._parked.pop(adapter_name)
         self.graph_module.graph = graph          # recompiles
         self.graph_module.meta.update(meta)
@@ -398,15 +498,50 @@ class GraphPeftModel(CapturedModel):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- saving and merging ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None) -> None:
-        """Save each adapter (default: all) as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``."""
-        from graphpeft.io import save_adapter
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        state_dict: Optional[dict] = None, is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
+        """Save each adapter (default: all) as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``.
 
+        Only adapter weights are ever written. Called as transformers' Trainer calls it (with
+        ``is_main_process``), it writes nothing on other processes, and on the main one also writes
+        ``model.safetensors.index.json`` naming the active adapter's file: that index is how Trainer
+        resumes a model that is not a ``PeftModel`` (it hands the file to ``load_state_dict``, which takes
+        an adapter's PEFT-keyed tensors). ``state_dict`` (a full state dict) is not needed and is ignored.
+        """
+        from graphpeft.io import save_adapter, write_resume_index
+
+        if is_main_process is False:
+            return
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
         for name in names:
             save_adapter(self, save_directory if name == "default" else f"{save_directory}/{name}", name)
+        if is_main_process is not None and self.active_adapter in names:
+            write_resume_index(save_directory, self.active_adapter, self._adapter_state_keys(self.active_adapter))
+
+    def _adapter_state_keys(self, adapter_name: str) -> list[str]:
+        """This module's state-dict names of what an adapter's file holds."""
+        return [f"graph_module.{attr}" for rec in self.records if rec.adapter == adapter_name for attr in rec.saved_keys]
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """What ``save_pretrained`` never writes: every state-dict entry but the active adapter's (transformers' name)."""
+        saved = set(self._adapter_state_keys(self.active_adapter))
+        return [key for key in self.state_dict(keep_vars=True) if key not in saved]
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to do: weights the base model ties are one parameter in the captured graph."""
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """A module state dict, or the tensors of the active adapter as saved (PEFT's keys, from its file)."""
+        own = set(self.state_dict(keep_vars=True))
+        if state_dict and not own.intersection(state_dict):
+            from graphpeft.io import load_adapter_state
+
+            load_adapter_state(self, dict(state_dict), self.active_adapter)
+            return nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def merge_and_unload(self) -> CapturedModel:
         """A plain module with the active adapter merged into the weights: no adapter nodes, same outputs.
@@ -491,3 +626,43 @@ def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Opti
     with gm.graph.inserting_before(anchor):
         node = gm.graph.get_attr(new_attr)
     anchor.replace_input_with(old, node)
+
+
+_PRESENTED: dict[tuple, type] = {}
+
+
+def presented_class(info: Optional[CaptureInfo], extra_inputs: tuple[str, ...] = ()) -> type:
+    """The GraphPeftModel subclass for models captured as ``info``: ``GraphPeft<ModelClass>``.
+
+    Its ``forward`` carries the captured model's signature (plus inputs a pass added, such as
+    ``task_ids``), because transformers' Trainer reads the class's ``forward`` to choose dataset columns,
+    label names and whether the model takes loss kwargs. For a Hugging Face model it is also a
+    ``PreTrainedModel``, so Trainer saves checkpoints through ``save_pretrained`` (the adapter only)
+    instead of writing the full state dict. One class per signature, made once.
+    """
+    signature = info.signature if info is not None else None
+    hf = info is not None and info.hf_config is not None
+    key = (info.model_class if info else "", str(signature), extra_inputs, hf)
+    if key not in _PRESENTED:
+        def forward(self: GraphPeftModel, *args: Any, **kwargs: Any) -> Any:
+            return GraphPeftModel.forward(self, *args, **kwargs)
+
+        forward.__signature__ = _with_self(signature, extra_inputs)
+        bases: tuple[type, ...] = (GraphPeftModel,)
+        if hf:
+            from transformers import PreTrainedModel
+            bases += (PreTrainedModel,)
+        name = f"GraphPeft{info.model_class if info else 'Model'}"
+        _PRESENTED[key] = type(name, bases, {"forward": forward, "__module__": __name__, "__doc__": GraphPeftModel.__doc__})
+    return _PRESENTED[key]
+
+
+def _with_self(signature: Optional[inspect.Signature], extra_inputs: tuple[str, ...]) -> inspect.Signature:
+    """``signature`` as a method's (``self`` first), pass-added inputs as keyword arguments before ``**kwargs``."""
+    P = inspect.Parameter
+    params = list(signature.parameters.values()) if signature is not None else \
+        [P("args", P.VAR_POSITIONAL), P("kwargs", P.VAR_KEYWORD)]
+    var_kw = [p for p in params if p.kind is P.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not P.VAR_KEYWORD]
+    params += [P(name, P.KEYWORD_ONLY, default=None) for name in extra_inputs if name not in {p.name for p in params}]
+    return inspect.Signature([P("self", P.POSITIONAL_OR_KEYWORD), *params, *var_kw])

@@ -264,3 +264,32 @@ class TinySdpaLM(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         return {"input_ids": torch.randint(3, VOCAB, (batch, seq), generator=gen),
                 "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+WORDS = ("the a cat dog bird sat ran flew on under over mat tree house car fast slow big small red blue green "
+         "is was and or not good bad happy sad very quite").split()
+
+
+def tiny_tokenizer() -> Any:
+    """A word-level fast tokenizer over ``WORDS`` (ids below ``VOCAB``): <pad>=0, <s>=1, </s>=2, <unk>=3.
+
+    Built with ``tokenizers``, nothing downloaded; it fits the tiny decoder models' vocabulary.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def sentences(n: int, seed: int = 0, shortest: int = 3, longest: int = 9) -> list[str]:
+    """``n`` seeded random sentences over ``WORDS`` (for tokenizer-driven tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(shortest, longest + 1, (1,), generator=gen))
+        out.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=gen)))
+    return out

@@ -22,7 +22,10 @@ neighbour slows all of them alike):
     state). This counts exactly the tensors a configuration needs, in this one process; RSS cannot (it
     only grows, and the allocator keeps freed pages). ONNX Runtime allocates outside torch: its figure is
     the growth of the process RSS sampled during its steps, not comparable to the others;
-(e) inference: an eval forward of the base model, the adapted models, and graphpeft.merge_for_inference.
+(e) inference: an eval forward of the base model, the adapted models, and graphpeft.merge_for_inference;
+(f) gradient checkpointing: the LoRA q,v step time and peak memory of PEFT and graphpeft with and without
+    it (PEFT: the model's gradient_checkpointing_enable; graphpeft: the graph cut at its layers, each
+    layer recomputed in the backward pass; both non-reentrant).
 
 Prints tables of times and ratios and the issue's targets (met or missed); writes everything to JSON.
 """
@@ -445,6 +448,40 @@ def inference_times(w: Workload, models: dict[str, torch.nn.Module], reps: int) 
     return {k: median(v) for k, v in times.items()}
 
 
+# -- (f) gradient checkpointing -------------------------------------------------------------------------------
+
+def checkpointing(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> dict[str, Any]:
+    """LoRA q,v with and without gradient checkpointing, PEFT and graphpeft: step time and peak memory."""
+    import peft
+
+    models: dict[str, torch.nn.Module] = {}
+    for on in (False, True):
+        suffix = " + checkpointing" if on else ""
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(copy.deepcopy(w.model),
+                                     peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=w.qv)).train()
+        torch.manual_seed(0)
+        ours = graphpeft.rewrite(w.model, graphpeft.LoraConfig(r=r, lora_alpha=alpha, target_modules=w.qv)).train()
+        if on:
+            theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            ours.gradient_checkpointing_enable()
+        models[f"peft lora q,v{suffix}"], models[f"graphpeft lora q,v{suffix}"] = theirs, ours
+    configs = [Config(n, m, m, _optimizer(m)) for n, m in models.items()]
+    time_round_robin(configs, w, reps, warmup)
+    return {"step_s": {c.name: median(c.times) for c in configs}, "peak_mib": measure_memory(configs, w)}
+
+
+def print_checkpointing(res: dict[str, Any]) -> None:
+    step, mem = res["step_s"], res["peak_mib"]
+    print(f"\n(f) gradient checkpointing (LoRA q,v){'':<9} step ms  /plain  peak MiB  /plain   step /peft  peak /peft")
+    for n in step:
+        plain = n.replace(" + checkpointing", "")
+        peer = n.replace("graphpeft", "peft") if n.startswith("graphpeft") else None
+        print(f"    {n:<42} {1000 * step[n]:>7.1f} {step[n] / step[plain]:>7.3f} {mem[n]:>9.1f} "
+              f"{mem[n] / mem[plain]:>7.3f} {_fmt(_ratio(step[n], step.get(peer))) if peer else '':>12} "
+              f"{_fmt(_ratio(mem[n], mem.get(peer))) if peer else '':>11}")
+
+
 # -- one workload -------------------------------------------------------------------------------------------
 
 def bench_workload(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
@@ -481,6 +518,10 @@ def bench_workload(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  skipped: {result['ort']['skipped']}")
     print("(e) inference forward ...", flush=True)
     result["inference_s"] = inference_times(w, models, args.reps)
+    if args.checkpointing:
+        del models
+        print("(f) gradient checkpointing ...", flush=True)
+        result["checkpointing"] = checkpointing(w, args.r, args.alpha, args.reps, args.warmup)
     return result
 
 
@@ -526,6 +567,8 @@ def print_workload(name: str, res: dict[str, Any]) -> None:
     print(f"\n(e) inference forward (eval, no_grad, median){'':<3}  ms    /base")
     for n, t in inf.items():
         print(f"    {n:<44} {1000 * t:>7.1f} {t / inf['base model']:>7.3f}")
+    if "checkpointing" in res:
+        print_checkpointing(res["checkpointing"])
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, Optional[float], float, Optional[bool]]]:
@@ -598,6 +641,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--meta-depths", type=int, nargs="*", default=None,
                         help="extra depths for the pass-linearity check (default 8 16; quick: 2)")
     parser.add_argument("--no-meta", dest="meta", action="store_false", help="skip the 7B-shape meta section")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="(f) gradient checkpointing with and without, PEFT and graphpeft (default: on)")
     parser.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
     args = parser.parse_args(argv)
     if args.quick:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import graphpeft  # noqa: E402
 from graphpeft import cli, hub, outputs  # noqa: E402
-from graphpeft.data import make_loader, read_jsonl  # noqa: E402
+from graphpeft.data import Collator, make_loader, read_jsonl  # noqa: E402
 from graphpeft.train import evaluate, train  # noqa: E402
 
 SEED = 0
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     peft_model = graphpeft.rewrite(model, config)
     peft_model.print_trainable_parameters()
 
-    train_loader = make_loader(train_set, tokenizer, batch_size=args.batch_size, seed=SEED)
     test_loader = make_loader(test_set, tokenizer, batch_size=40, shuffle=False)
     before = evaluate(peft_model, test_loader)
     print(f"before training: held-out loss {before['loss']:.4f}, accuracy {before['accuracy']:.1%}")
@@ -89,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f} | held-out loss {held_out['loss']:.4f}, "
               f"accuracy {held_out['accuracy']:.1%}", flush=True)
 
-    train(peft_model, train_loader, epochs=args.epochs, lr=args.lr, on_epoch=report)
+    train(peft_model, train_set.examples, Collator(tokenizer, train_set.task), epochs=args.epochs, lr=args.lr,
+          batch_size=args.batch_size, seed=SEED, on_epoch=report)
     after = evaluate(peft_model, test_loader)
     with outputs.staged_output(out / "sentiment", overwrite=True) as tmp:
         peft_model.save_pretrained(str(tmp))

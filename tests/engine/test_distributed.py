@@ -129,3 +129,27 @@ def test_rank0_saved_the_trained_adapter(trained):
     after = _phase(_ranks(trained[1])[0][1], "after")
     assert tensors.keys() == after.keys()
     assert all(torch.equal(tensors[k], after[k]) for k in after)
+
+
+def test_trainer_on_two_processes_equals_one_process(tmp_path):
+    """transformers' Trainer under accelerate launch (2 processes, gloo): gradients are synchronized, so the
+    saved adapter equals one process trained on the same global batches."""
+    script = ROOT / "tools" / "trainer_train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    two = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(script), "--out", str(tmp_path / "two"), "--batch", "2"]
+    one = [sys.executable, str(script), "--out", str(tmp_path / "one"), "--batch", "4"]
+    for cmd in (two, one):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")}
+    assert (runs["two"]["world_size"], runs["two"]["backend"], runs["one"]["world_size"]) == (2, "gloo", 1)
+    assert runs["two"]["losses"] == pytest.approx(runs["one"]["losses"], abs=1e-5)
+    one, two = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("one", "two"))
+    assert one.keys() == two.keys() and len(one) == 28
+    assert all(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)        # B starts at zero: it trained
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
+    assert sorted(p.name for p in (tmp_path / "two" / "adapter").iterdir() if p.suffix == ".safetensors") == \
+        ["adapter_model.safetensors"]                     # the adapter only, never the model's weights

@@ -112,14 +112,16 @@ def _changed(before: dict, model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
 
 
-def _train_and_check(peft_model, loader, lr: float, epochs: int) -> tuple[History, set[str]]:
+def _train_and_check(peft_model, data, tokenizer, batch_size: int, lr: float, epochs: int) -> tuple[History, set[str]]:
     before = _snapshot(peft_model)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    history = train(peft_model, loader, epochs=epochs, lr=lr, progress=False)
+    history = train(peft_model, data.examples, Collator(tokenizer, data.task), epochs=epochs, lr=lr,
+                    batch_size=batch_size, lr_scheduler="constant", progress=False)
     changed = _changed(before, peft_model)
     assert changed == trainable                        # every adapter parameter moved, nothing else did
     assert all(".lora_" in n or ".modules_to_save." in n for n in changed)
-    assert len(history.epoch_losses) == epochs and len(history.step_losses) == epochs * len(loader)
+    steps_per_epoch = -(-len(data) // batch_size)
+    assert len(history.epoch_losses) == epochs and len(history.step_losses) == epochs * steps_per_epoch
     assert history.epoch_losses[-1] < 0.9 * history.epoch_losses[0], history.epoch_losses
     return history, changed
 
@@ -133,7 +135,7 @@ def test_training_a_classifier_changes_only_the_adapter_and_the_head(tmp_path, t
     config = graphpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     torch.manual_seed(0)
     peft_model = graphpeft.rewrite(model, config)
-    _, changed = _train_and_check(peft_model, make_loader(data, tokenizer, batch_size=4, seed=0), lr=2e-2, epochs=8)
+    _, changed = _train_and_check(peft_model, data, tokenizer, batch_size=4, lr=2e-2, epochs=8)
     assert all(torch.equal(p.detach(), base[n]) for n, p in model.named_parameters())   # the eager model too
     assert {n.rpartition("graph_module.")[2] for n in changed if ".modules_to_save." in n} == {
         "classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias"}
@@ -149,8 +151,7 @@ def test_training_a_causal_lm_changes_only_the_adapter(tmp_path, tokenizer):
     config = graphpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"],
                                   task_type="CAUSAL_LM")
     torch.manual_seed(0)
-    _train_and_check(graphpeft.rewrite(model, config), make_loader(data, tokenizer, batch_size=2, seed=0),
-                     lr=2e-2, epochs=4)
+    _train_and_check(graphpeft.rewrite(model, config), data, tokenizer, batch_size=2, lr=2e-2, epochs=4)
 
 
 def test_a_gpt2_lm_head_model_trains_like_any_causal_lm(tmp_path, tokenizer):
@@ -166,7 +167,7 @@ def test_a_gpt2_lm_head_model_trains_like_any_causal_lm(tmp_path, tokenizer):
     peft_model = graphpeft.rewrite(model, config)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**batch).loss, model(**batch).loss)   # B = 0: the base model's loss
-    _train_and_check(peft_model, make_loader(data, tokenizer, batch_size=2, seed=0), lr=2e-2, epochs=4)
+    _train_and_check(peft_model, data, tokenizer, batch_size=2, lr=2e-2, epochs=4)
 
 
 def test_the_loop_refuses_a_model_without_trainable_parameters(tokenizer, tmp_path):
@@ -177,7 +178,7 @@ def test_the_loop_refuses_a_model_without_trainable_parameters(tokenizer, tmp_pa
         p.requires_grad_(False)
     data = read_jsonl(write_jsonl(tmp_path / "cls.jsonl", classification_rows()))
     with pytest.raises(GraphPeftError, match="no trainable parameters"):
-        train(model, make_loader(data, tokenizer), epochs=1, progress=False)
+        train(model, data.examples, Collator(tokenizer, data.task), epochs=1, progress=False)
 
 
 # -- graphpeft train --------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_cli_trains_a_classifier_and_saves_an_adapter_that_loads(tiny_bert_dir, 
     data = write_jsonl(tmp_path / "cls.jsonl", classification_rows())
     out = tmp_path / "runs" / "cls"
     _, stdout = _run_train(capsys, "train", out, "--data", data, tiny_bert_dir, "--targets", "query,value",
-                           "--r", "4", "--epochs", "8", "--lr", "2e-2", "--batch-size", "4")
+                           "--r", "4", "--epochs", "8", "--lr", "2e-2", "--batch-size", "4", "--eval-data", data)
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
                                               "rewrite.json", "train.json"}
     assert [p.name for p in out.parent.iterdir()] == ["cls"]
@@ -203,6 +204,7 @@ def test_cli_trains_a_classifier_and_saves_an_adapter_that_loads(tiny_bert_dir, 
     assert log["task"] == SEQ_CLS and log["num_labels"] == 2 and len(log["epoch_losses"]) == 8
     assert log["epoch_losses"][-1] < 0.9 * log["epoch_losses"][0]
     assert "epoch 8/8: mean loss" in stdout and "trainable params: " in stdout
+    assert len(log["evaluations"]) == 8 and log["evaluations"][-1]["accuracy"] >= 0.9   # evaluated on the rows
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["r"] == 4
 
@@ -238,3 +240,55 @@ def test_cli_trains_a_causal_lm(tiny_llama_dir, tmp_path, capsys):
     assert config["task_type"] == "CAUSAL_LM" and len(config["target_modules"]) == 5   # 2 layers x (q, v) + head
     loaded = graphpeft.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(out))
     assert all(not p.requires_grad for p in loaded.parameters())
+
+
+def test_cli_trains_with_accumulation_checkpointing_and_evaluation(tiny_llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in SENTENCES * 2])
+    held_out = write_jsonl(tmp_path / "test.jsonl", [{"text": t} for t in SENTENCES[:2]])
+    out = tmp_path / "lm"
+    _, stdout = _run_train(capsys, "train", out, "--data", data, tiny_llama_dir, "--targets", "q_proj,v_proj",
+                           "--epochs", "2", "--batch-size", "2", "--grad-accum", "2", "--gradient-checkpointing",
+                           "--eval-data", held_out, "--lr-scheduler", "cosine", "--warmup-ratio", "0.25")
+    log = json.loads((out / "train.json").read_text())
+    assert len(log["step_losses"]) == 2 * 2          # 8 rows / batch 2 = 4 batches = 2 optimizer steps per epoch
+    assert len(log["evaluations"]) == 2 and all(e["loss"] > 0 and "accuracy" not in e for e in log["evaluations"])
+    assert (log["grad_accum"], log["gradient_checkpointing"], log["lr_scheduler"]) == (2, True, "cosine")
+    assert "eval after epoch 2: loss " in stdout
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                              "rewrite.json", "train.json"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or "checkpoint" in p.name] == []
+
+
+def test_cli_checkpoints_hold_the_adapter_and_resume_ends_where_the_full_run_ends(tiny_llama_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in SENTENCES])
+    common = ["--data", data, tiny_llama_dir, "--targets", "q_proj,v_proj", "--epochs", "2", "--batch-size", "2",
+              "--lr", "1e-2", "--save-steps", "2"]
+    _run_train(capsys, "train", tmp_path / "full", *common)
+    checkpoints = tmp_path / "full-checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    names = {p.name for p in (checkpoints / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in names and not names & {"model.safetensors", "pytorch_model.bin"}
+
+    _run_train(capsys, "train", tmp_path / "resumed", *common, "--checkpoint-dir", tmp_path / "again",
+               "--resume", checkpoints / "checkpoint-2")
+    full = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
+    log = json.loads((tmp_path / "resumed" / "train.json").read_text())
+    assert log["resumed_from"] == str(checkpoints / "checkpoint-2") and len(log["step_losses"]) == 2
+
+
+def test_cli_refuses_to_resume_from_another_adapters_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in SENTENCES])
+    common = ["--data", data, tiny_llama_dir, "--targets", "q_proj,v_proj", "--epochs", "1", "--batch-size", "2"]
+    _run_train(capsys, "train", tmp_path / "r4", *common, "--r", "4", "--save-steps", "1")
+    code = cli.main([str(a) for a in ["train", tmp_path / "r8", *common, "--r", "8",
+                                      "--resume", tmp_path / "r4-checkpoints" / "checkpoint-1"]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("graphpeft: error: ") and "\n" not in err and "shape" in err
+    assert not (tmp_path / "r8").exists()
+    code = cli.main([str(a) for a in ["train", tmp_path / "r8", *common, "--resume", tmp_path / "nowhere"]])
+    assert code == 2 and "not a folder" in capsys.readouterr().err
