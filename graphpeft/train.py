@@ -149,17 +149,16 @@ def train(model: nn.Module, rows: Sequence[Any], collate: Optional[Callable[[lis
     """Train the parameters that require grad with transformers' Trainer; returns the losses.
 
     ``collate`` turns a list of rows into a batch with ``labels``; without it each row is a ready batch
-    (a dict of tensors) and ``batch_size`` is 1. Inputs the captured graph does not take are dropped. ``save_steps`` writes a checkpoint (the adapter in PEFT's format, optimizer, scheduler and
-    random state) every that many optimizer steps to ``checkpoint_dir``; ``resume`` continues from such a
+    (a dict of tensors) and ``batch_size`` is 1. Inputs the captured graph does not take are dropped.
+    ``save_steps`` writes a checkpoint (the adapter in PEFT's format, optimizer, scheduler and random
+    state) every that many optimizer steps to ``checkpoint_dir``; ``resume`` continues from such a
     checkpoint. With ``eval_rows`` the loss (and accuracy, for class labels) is evaluated after each epoch.
     ``on_epoch(epoch_index, mean_loss)`` is called after each epoch. The model is left in eval mode.
     """
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    _check(model, epochs, lr, rows, lr_scheduler, save_steps, checkpoint_dir)
-    if not 0 <= warmup_ratio < 1:
-        raise GraphPeftError(f"warmup ratio must be at least 0 and below 1, got {warmup_ratio!r}")
+    _check(model, epochs, lr, rows, lr_scheduler, warmup_ratio, save_steps, checkpoint_dir)
     if collate is None:                         # rows are batches already
         collate, batch_size = (lambda items: items[0]), 1
     scratch = None if save_steps else tempfile.mkdtemp(prefix="graphpeft-trainer-")   # Trainer wants a folder
@@ -189,7 +188,7 @@ def train(model: nn.Module, rows: Sequence[Any], collate: Optional[Callable[[lis
     return history
 
 
-def _check(model: nn.Module, epochs: int, lr: float, rows: Sequence[Any], lr_scheduler: str,
+def _check(model: nn.Module, epochs: int, lr: float, rows: Sequence[Any], lr_scheduler: str, warmup_ratio: float,
            save_steps: Optional[int], checkpoint_dir: Optional[str]) -> None:
     if not isinstance(epochs, int) or epochs <= 0:
         raise GraphPeftError(f"epochs must be a positive integer, got {epochs!r}")
@@ -201,6 +200,8 @@ def _check(model: nn.Module, epochs: int, lr: float, rows: Sequence[Any], lr_sch
         raise GraphPeftError("no training rows: the data set is empty")
     if lr_scheduler not in LR_SCHEDULERS:
         raise GraphPeftError(f"unknown learning-rate schedule {lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+    if not 0 <= warmup_ratio < 1:
+        raise GraphPeftError(f"warmup ratio must be at least 0 and below 1, got {warmup_ratio!r}")
     if save_steps and not checkpoint_dir:
         raise GraphPeftError("save_steps needs a checkpoint_dir to write the checkpoints to")
 

@@ -292,3 +292,14 @@ def test_cli_refuses_to_resume_from_another_adapters_checkpoint(tiny_llama_dir, 
     assert not (tmp_path / "r8").exists()
     code = cli.main([str(a) for a in ["train", tmp_path / "r8", *common, "--resume", tmp_path / "nowhere"]])
     assert code == 2 and "not a folder" in capsys.readouterr().err
+
+
+def test_cli_train_json_is_the_only_thing_on_stdout(tiny_llama_dir, tmp_path, capsys):
+    """Trainer prints its logs unless told not to: with --json, stdout is one JSON object and nothing else."""
+    data = write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in SENTENCES])
+    code = cli.main([str(a) for a in ["train", tmp_path / "out", "--data", data, tiny_llama_dir, "--targets", "q_proj",
+                                      "--epochs", "1", "--batch-size", "2", "--json"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert len(result["train"]["step_losses"]) == 2 and result["files"]
