@@ -42,7 +42,7 @@ from torch import nn
 from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError
-from graphpeft.rewriter import get_attr_path
+from graphpeft.rewriter import EXTRA_INPUTS, get_attr_path
 
 _STATE = "_graphpeft_generation"          # GraphPeftModel.__dict__ entry: {key: _Graphs}, plus the proxy
 _BASE_KEY = "\0base"                      # the graphs without any adapter (disable_adapter)
@@ -55,12 +55,26 @@ class _Graphs:
     prefill: fx.GraphModule
     step: fx.GraphModule
     device: Optional[torch.device]
+    positions: bool          # the graphs take position_ids (weight adapters) or compute their own (added tokens)
 
 
 def generate(peft_model: Any, *args: Any, **kwargs: Any) -> Any:
     """``transformers.GenerationMixin.generate`` on ``peft_model``'s graphs (see the module docstring)."""
+    from graphpeft.model import _extra_inputs
+
     source = _generation_source(peft_model)
-    return _proxy(peft_model, source).generate(*args, **kwargs)
+    proxy = _proxy(peft_model, source)
+    if peft_model._disabled:
+        extras = {}
+        for name in peft_model.graph_module.meta.get(EXTRA_INPUTS, {}):   # inputs only the adapters read
+            kwargs.pop(name, None)
+    else:
+        extras = _extra_inputs(peft_model.graph_module, kwargs)          # e.g. task_ids, checked
+    proxy.__dict__["_graphpeft_extras"] = extras
+    try:
+        return proxy.generate(*args, **kwargs)
+    finally:
+        proxy.__dict__["_graphpeft_extras"] = {}
 
 
 def _generation_source(peft_model: Any) -> nn.Module:
@@ -74,13 +88,13 @@ def _generation_source(peft_model: Any) -> nn.Module:
     if getattr(source.config, "is_encoder_decoder", False):
         raise GraphPeftError(f"generate() on encoder-decoder models ({type(source).__name__}) is not supported yet; "
                              f"merge_and_unload() a LoRA, AdaLoRA or IA3 adapter and generate with the merged model")
-    if not peft_model._disabled:
-        records = [r for r in peft_model.records if r.adapter == peft_model.active_adapter]
-        tokens = sorted({r.rule for r in records if not registry.rule(r.rule).mergeable})
-        if tokens:
-            raise GraphPeftError(f"generate() with {tokens[0]} adapters (virtual tokens in the cache) is not "
-                                 f"supported yet; LoRA, AdaLoRA and IA3 adapters generate")
     return source
+
+
+def _adds_positions(peft_model: Any, adapter_name: Optional[str]) -> bool:
+    """A rule that cannot merge into the weights adds positions (virtual tokens, a prefix) to the sequence."""
+    return adapter_name is not None and any(not registry.rule(r.rule).mergeable for r in peft_model.records
+                                            if r.adapter == adapter_name)
 
 
 # -- the proxy: the model's own class, forward routed to the graphs ----------------------------------
@@ -101,7 +115,7 @@ def _proxy(peft_model: Any, source: nn.Module) -> nn.Module:
 def _proxy_class(cls: type) -> type:
     @functools.wraps(cls.forward)           # transformers reads forward's signature (position_ids, cache, ...)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _forward(self.__dict__["_graphpeft_model"], cls, args, kwargs)
+        return _forward(self.__dict__["_graphpeft_model"], cls, args, kwargs, self.__dict__.get("_graphpeft_extras", {}))
 
     def device(self: nn.Module) -> torch.device:
         return _device(self.__dict__["_graphpeft_model"].graph_module) or torch.device("cpu")
@@ -110,7 +124,7 @@ def _proxy_class(cls: type) -> type:
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
-def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict) -> Any:
+def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict) -> Any:
     bound = inspect.signature(cls.forward).bind(None, *args, **kwargs).arguments
     bound.pop("self", None)
     extra = bound.pop("kwargs", {}) or {}
@@ -130,21 +144,36 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict) -> Any:
     batch, new = ids.shape
     if mask is None:
         mask = torch.ones(batch, past + new, dtype=torch.long, device=ids.device)
-    if positions is None:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+    if mask.shape[1] < past + new:
+        # positions the prefill graph put in front of the sequence (virtual tokens) are in the cache, attended
+        mask = torch.cat([mask.new_ones(batch, past + new - mask.shape[1]), mask], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if graphs.positions:
+        inputs["position_ids"] = positions if positions is not None else \
+            (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
     if past == 0:
-        out = graphs.prefill(input_ids=ids, attention_mask=mask, position_ids=positions, **_prefill_constants(cls))
+        out = graphs.prefill(**inputs, **_prefill_constants(cls), **_batched(extras, batch))
         if cache is not None:
             for i, layer in enumerate(out["cache"].layers):
                 cache.update(layer.keys, layer.values, i)
             out["cache"] = cache
     else:
-        out = graphs.step(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out = graphs.step(**inputs, cache=cache, use_cache=True)
         for old, layer in zip(cache.layers, out["cache"].layers):
             old.keys, old.values = layer.keys, layer.values
         out["cache"] = cache
     if use_cache is False:
         out["cache"] = None
+    return out
+
+
+def _batched(extras: dict, batch: int) -> dict:
+    """Extra inputs given per prompt, repeated for the beams and return sequences generate made of each."""
+    out = {}
+    for name, value in extras.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != batch and batch % value.shape[0] == 0:
+            value = value.repeat_interleave(batch // value.shape[0], dim=0)
+        out[name] = value
     return out
 
 
@@ -179,27 +208,39 @@ def _build(peft_model: Any, adapter_name: Optional[str]) -> _Graphs:
     gen = torch.Generator().manual_seed(0)
     vocab = int(source.config.get_text_config().vocab_size)
     ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_PROMPT), generator=gen)
+    positions = not _adds_positions(peft_model, adapter_name)
     prompt = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=_positions(ids.shape[1], 0))
     constants = _prefill_constants(type(source))
+    if not positions:     # the model's own positions, as the rule needs (and PEFT does: it ignores position_ids)
+        del prompt["position_ids"]
     prefill = _rewritten(peft_model, adapter_name, _export(source, _on(prompt, example), constants, past=False))
+    extras = {name: _example_extra(prefill, name) for name in prefill.meta.get(EXTRA_INPUTS, {})}
     with torch.no_grad():     # the step graph is captured on a real cache, as the prefill graph makes it
-        cache = prefill(**_on(prompt, where), **constants)["cache"]
+        cache = prefill(**_on(prompt, where), **constants, **_on(extras, where))["cache"]
         cache = _cache_on(cache, example)
+    past = cache.get_seq_length()
     new = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_NEW), generator=gen)
-    stepping = dict(input_ids=new, attention_mask=torch.ones(_EXAMPLE_BATCH, _EXAMPLE_PROMPT + _EXAMPLE_NEW, dtype=torch.long),
-                    position_ids=_positions(_EXAMPLE_NEW, _EXAMPLE_PROMPT))
-    step = _rewritten(peft_model, adapter_name, _export(source, {**_on(stepping, example), "cache": cache},
-                                                        {"use_cache": True}, past=True))
+    stepping = dict(input_ids=new, attention_mask=torch.ones(_EXAMPLE_BATCH, past + _EXAMPLE_NEW, dtype=torch.long),
+                    position_ids=_positions(_EXAMPLE_NEW, past))
+    if not positions:
+        del stepping["position_ids"]
+    # a rule that adds positions did its work in the prefill: the steps read them from the cache
+    step = _rewritten(peft_model, adapter_name if positions else None,
+                      _export(source, {**_on(stepping, example), "cache": cache}, {"use_cache": True}, past=True))
     for gm in (prefill, step):
         if where is not None:
             retarget_device(gm.graph, where)
             gm.recompile()
-    return _Graphs(prefill, step, where)
+    return _Graphs(prefill, step, where, positions)
 
 
 def _export(source: nn.Module, tensors: dict, constants: dict, past: bool) -> fx.GraphModule:
     auto = torch.export.Dim.AUTO
-    shapes: dict[str, Any] = {k: {0: auto, 1: auto} for k in ("input_ids", "attention_mask", "position_ids")}
+    seq = auto if past else torch.export.Dim("prompt_length")   # one prompt length: a pass extends them together
+    shapes: dict[str, Any] = {k: {0: auto, 1: seq} for k in ("input_ids", "attention_mask", "position_ids")
+                              if k in tensors}
+    if past:
+        shapes["attention_mask"] = {0: auto, 1: auto}
     if past:
         layers = len(tensors["cache"].layers)
         shapes["cache"] = [[{0: auto, 2: auto}] * layers, [{0: auto, 2: auto}] * layers]
@@ -246,9 +287,17 @@ def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule)
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
-            mine = _attr_or_none(main, target) if target in shared else None
+            mine = _attr_or_none(main, target)
+            if node.op == "get_attr" and target not in shared:
+                mine = None            # a constant of this capture (a lifted tensor), not the training graph's
+            if node.op == "call_module" and not (isinstance(mine, nn.Module) and any(True for _ in mine.parameters())):
+                mine = None            # a module without weights (torch.export's guards) stays this capture's
             attrs[target] = mine if mine is not None else get_attr_path(gm, target)
     bound = fx.GraphModule(attrs, gm.graph, class_name=type(gm).__name__)
+    for name in wanted:                # every adapter parameter is the training graph's own object
+        if _attr_or_none(bound, name) is not _attr_or_none(main, name):
+            raise GraphPeftError(f"the generation graph does not read the model's {name}; generate with the "
+                                 f"merged model (merge_and_unload()) instead")
     bound.meta.update(gm.meta)
     set_train_mode(bound, False)
     for p in bound.parameters():
@@ -263,6 +312,14 @@ def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule)
 def _prefill_constants(cls: type) -> dict:
     params = inspect.signature(cls.forward).parameters
     return {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+
+
+def _example_extra(gm: fx.GraphModule, name: str) -> Any:
+    """An example value for an input a pass added (task ids: zeros, one per row)."""
+    node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name)
+    val = node.meta.get("val")
+    dtype = getattr(val, "dtype", torch.long)
+    return torch.zeros(_EXAMPLE_BATCH, dtype=dtype)
 
 
 def _positions(new: int, past: int) -> torch.Tensor:

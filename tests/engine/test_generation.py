@@ -11,6 +11,7 @@ search on LoRA must give PEFT's own beams.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -24,6 +25,7 @@ from tests.models import tiny_gpt2, tiny_llama, tiny_qwen2
 ATOL = 1e-4
 NEW = 6
 
+PROMPT = dict(num_virtual_tokens=3, task_type="CAUSAL_LM")
 CASES = {
     "llama-lora": (tiny_llama, lambda: graphpeft.LoraConfig(target_modules="all-linear")),
     "qwen2-lora": (tiny_qwen2, lambda: graphpeft.LoraConfig()),
@@ -31,7 +33,23 @@ CASES = {
     "llama-ia3": (tiny_llama, lambda: graphpeft.IA3Config()),
     "gpt2-ia3": (tiny_gpt2, lambda: graphpeft.IA3Config()),
     "llama-adalora": (tiny_llama, lambda: graphpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10)),
+    "gpt2-adalora": (tiny_gpt2, lambda: graphpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10)),
+    "llama-prompt-tuning": (tiny_llama, lambda: graphpeft.PromptTuningConfig(**PROMPT)),
+    "gpt2-prompt-tuning": (tiny_gpt2, lambda: graphpeft.PromptTuningConfig(**PROMPT)),
+    "llama-p-tuning": (tiny_llama, lambda: graphpeft.PromptEncoderConfig(encoder_hidden_size=16, **PROMPT)),
+    "gpt2-p-tuning": (tiny_gpt2, lambda: graphpeft.PromptEncoderConfig(encoder_hidden_size=16, **PROMPT)),
+    "llama-multitask": (tiny_llama, lambda: graphpeft.MultitaskPromptTuningConfig(num_tasks=3, num_ranks=1, **PROMPT)),
+    "gpt2-multitask": (tiny_gpt2, lambda: graphpeft.MultitaskPromptTuningConfig(num_tasks=3, num_ranks=1, **PROMPT)),
 }
+
+
+def _extra(name, batch):
+    """Inputs a method adds: multitask prompt tuning's task ids (a different task per row)."""
+    return {"task_ids": torch.arange(batch) % 3} if "multitask" in name else {}
+
+
+def _virtual(peft_model) -> int:
+    return getattr(next(iter(peft_model.peft_config.values())), "num_virtual_tokens", 0) or 0
 
 
 def _trained(model, config, seed=3):
@@ -63,12 +81,16 @@ def _prompts(padded: bool):
 
 
 @torch.no_grad()
-def _greedy_by_full_forwards(model, ids, mask, steps):
-    """The reference: no cache, every step a full forward over the sequence so far."""
+def _greedy_by_full_forwards(model, ids, mask, steps, **extra):
+    """The reference: no cache, every step a full forward over the sequence so far.
+
+    PEFT ignores position_ids for prompt tuning, P-tuning and multitask prompt tuning (the model's own
+    positions, virtual tokens first), as graphpeft's training graph does.
+    """
     logits = []
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        last = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        last = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits[:, -1]
         logits.append(last)
         ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -93,10 +115,13 @@ def case(request, tmp_path_factory):
 def test_greedy_tokens_and_logits_equal_full_forwards_in_peft(case, padded):
     name, model, ours, theirs = case
     ids, mask = _prompts(padded)
-    want_ids, want_logits = _greedy_by_full_forwards(theirs, ids, mask, NEW)
+    extra = _extra(name, ids.shape[0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Position ids are not supported")
+        want_ids, want_logits = _greedy_by_full_forwards(theirs, ids, mask, NEW, **extra)
     _, base_logits = _greedy_by_full_forwards(model, ids, mask, 1)
     assert not torch.allclose(want_logits[0], base_logits[0], atol=1e-2), "the adapter changes the logits"
-    out = _greedy(ours, ids, mask)
+    out = _greedy(ours, ids, mask, **extra)
     assert torch.equal(out.sequences, want_ids)
     assert len(out.logits) == NEW
     for got, want in zip(out.logits, want_logits):
@@ -119,7 +144,8 @@ def test_a_decode_step_reads_the_cache_not_the_prompt(case):
     """After the prefill, every forward gets one new token and a cache holding everything before it."""
     name, model, ours, theirs = case
     ids, mask = _prompts(padded=True)
-    ours.generate(input_ids=ids[:, :2], attention_mask=mask[:, :2], max_new_tokens=1, pad_token_id=0)  # builds graphs
+    extra = _extra(name, ids.shape[0])
+    ours.generate(input_ids=ids[:, :2], attention_mask=mask[:, :2], max_new_tokens=1, pad_token_id=0, **extra)
     graphs = ours.__dict__["_graphpeft_generation"][ours.active_adapter]
     seen = []
     step = graphs.step
@@ -130,10 +156,10 @@ def test_a_decode_step_reads_the_cache_not_the_prompt(case):
 
     graphs.step = spy
     try:
-        _greedy(ours, ids, mask)
+        _greedy(ours, ids, mask, **extra)
     finally:
         graphs.step = step
-    assert seen == [((3, 1), 7 + i) for i in range(NEW - 1)]
+    assert seen == [((3, 1), _virtual(ours) + 7 + i) for i in range(NEW - 1)]   # virtual tokens are in the cache
 
 
 def test_sampling_streaming_and_processors_are_transformers_own(tmp_path):
@@ -208,9 +234,9 @@ def test_generation_sees_later_weight_changes():
 def test_bad_generation_requests_are_clear_errors():
     model = tiny_llama()
     ids, mask = _prompts(padded=False)
-    prompt = graphpeft.rewrite(model, graphpeft.PromptTuningConfig(num_virtual_tokens=2))
-    with pytest.raises(GraphPeftError, match="not supported yet"):
-        prompt.generate(input_ids=ids, max_new_tokens=2)
+    multitask = graphpeft.rewrite(model, graphpeft.MultitaskPromptTuningConfig(num_tasks=2, **PROMPT))
+    with pytest.raises(GraphPeftError, match="task_ids"):
+        multitask.generate(input_ids=ids, max_new_tokens=2)
     ours = graphpeft.rewrite(model, graphpeft.LoraConfig())
     with pytest.raises(GraphPeftError, match="output_attentions"):
         ours.generate(input_ids=ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
