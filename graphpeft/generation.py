@@ -153,6 +153,7 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict
             (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
     if past == 0:
         out = graphs.prefill(**inputs, **_prefill_constants(cls), **_batched(extras, batch))
+        _write_cache_prefix(peft_model, out["cache"])
         if cache is not None:
             for i, layer in enumerate(out["cache"].layers):
                 cache.update(layer.keys, layer.values, i)
@@ -165,6 +166,23 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict
     if use_cache is False:
         out["cache"] = None
     return out
+
+
+def _write_cache_prefix(peft_model: Any, cache: Any) -> None:
+    """A rule whose keys and values are replaced at the attention sites (a learned prefix) says, through
+    ``rule.cache_prefix(graph_module, records)``, what the first positions of each layer's cache hold."""
+    if peft_model._disabled:
+        return
+    records = [r for r in peft_model.records if r.adapter == peft_model.active_adapter]
+    for name in sorted({r.rule for r in records}):
+        hook = getattr(registry.rule(name), "cache_prefix", None)
+        if hook is None:
+            continue
+        with torch.no_grad():
+            for layer, (key, value) in hook(peft_model.graph_module, [r for r in records if r.rule == name]).items():
+                target = cache.layers[layer]
+                target.keys[:, :, :key.shape[1]] = key.to(target.keys.dtype)
+                target.values[:, :, :value.shape[1]] = value.to(target.values.dtype)
 
 
 def _batched(extras: dict, batch: int) -> dict:
