@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -41,8 +42,8 @@ from torch import nn
 
 from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
-from graphpeft.errors import GraphPeftError
-from graphpeft.rewriter import EXTRA_INPUTS, get_attr_path
+from graphpeft.errors import GraphPeftError, NoMatchError
+from graphpeft.rewriter import EXTRA_INPUTS, copy_graph, get_attr_path
 
 _STATE = "_graphpeft_generation"          # GraphPeftModel.__dict__ entry: {key: _Graphs}, plus the proxy
 _BASE_KEY = "\0base"                      # the graphs without any adapter (disable_adapter)
@@ -56,6 +57,10 @@ class _Graphs:
     step: fx.GraphModule
     device: Optional[torch.device]
     positions: bool          # the graphs take position_ids (weight adapters) or compute their own (added tokens)
+    encoder: Optional[fx.GraphModule] = None      # encoder-decoders: what generate's get_encoder() runs
+
+    def all(self) -> list[fx.GraphModule]:
+        return [gm for gm in (self.encoder, self.prefill, self.step) if gm is not None]
 
 
 def generate(peft_model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -85,9 +90,6 @@ def _generation_source(peft_model: Any) -> nn.Module:
     if not source.can_generate():
         raise GraphPeftError(f"{type(source).__name__} cannot generate text (it has no language-model head); "
                              f"use a *ForCausalLM or *ForConditionalGeneration model")
-    if getattr(source.config, "is_encoder_decoder", False):
-        raise GraphPeftError(f"generate() on encoder-decoder models ({type(source).__name__}) is not supported yet; "
-                             f"merge_and_unload() a LoRA, AdaLoRA or IA3 adapter and generate with the merged model")
     return source
 
 
@@ -120,7 +122,10 @@ def _proxy_class(cls: type) -> type:
     def device(self: nn.Module) -> torch.device:
         return _device(self.__dict__["_graphpeft_model"].graph_module) or torch.device("cpu")
 
-    return type(cls.__name__, (cls,), {"forward": forward, "device": property(device),
+    def get_encoder(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        return _GraphEncoder(self.__dict__["_graphpeft_model"], self.__dict__.get("_graphpeft_extras", {}))
+
+    return type(cls.__name__, (cls,), {"forward": forward, "device": property(device), "get_encoder": get_encoder,
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
@@ -129,6 +134,8 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict
     bound.pop("self", None)
     extra = bound.pop("kwargs", {}) or {}
     values = {**bound, **extra}
+    if "decoder_input_ids" in values or "encoder_outputs" in values:
+        return _forward_seq2seq(peft_model, values, extras)
     ids, mask, positions = values.pop("input_ids", None), values.pop("attention_mask", None), values.pop("position_ids", None)
     cache, use_cache = values.pop("cache", None), values.pop("use_cache", None)
     values.pop("logits_to_keep", None), values.pop("return_dict", None)
@@ -152,7 +159,7 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict
         inputs["position_ids"] = positions if positions is not None else \
             (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
     if past == 0:
-        out = graphs.prefill(**inputs, **_prefill_constants(cls), **_batched(extras, batch))
+        out = graphs.prefill(**inputs, **_prefill_constants(cls), **_for_graph(graphs.prefill, extras, batch))
         _write_cache_prefix(peft_model, out["cache"])
         if cache is not None:
             for i, layer in enumerate(out["cache"].layers):
@@ -168,6 +175,85 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict
     return out
 
 
+def _forward_seq2seq(peft_model: Any, values: dict, extras: dict) -> Any:
+    """A decoder step of an encoder-decoder: the prefill graph on the first call, the step graph after."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    ids, encoded = values.pop("decoder_input_ids", None), values.pop("encoder_outputs", None)
+    mask, cache, use_cache = values.pop("attention_mask", None), values.pop("cache", None), values.pop("use_cache", None)
+    decoder_mask = values.pop("decoder_attention_mask", None)
+    for name in ("return_dict", "logits_to_keep", "input_ids", "inputs_embeds"):
+        values.pop(name, None)
+    for name in _REFUSED:
+        if values.pop(name, None):
+            raise GraphPeftError(f"{name} is not part of graphpeft's generation graphs; generate without it")
+    given = sorted(k for k, v in values.items() if v is not None)
+    if decoder_mask is not None and not bool(decoder_mask.all()):
+        given.insert(0, "a decoder_attention_mask with padding")
+    if given or ids is None or encoded is None:
+        raise GraphPeftError(f"generate() on encoder-decoders takes input_ids and attention_mask with graphpeft; "
+                             f"{given[0] if given else 'the encoder output'} is not supported")
+    graphs = _graphs(peft_model)
+    hidden = encoded[0] if not hasattr(encoded, "last_hidden_state") else encoded.last_hidden_state
+    batch = ids.shape[0]
+    if mask is None:
+        mask = torch.ones(batch, hidden.shape[1], dtype=torch.long, device=ids.device)
+    if mask.shape[1] < hidden.shape[1]:      # virtual tokens the encoder graph put in front of the input
+        mask = torch.cat([mask.new_ones(batch, hidden.shape[1] - mask.shape[1]), mask], dim=1)
+    inputs = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask, decoder_input_ids=ids)
+    past = cache.get_seq_length() if cache is not None else 0
+    if past == 0:
+        out = graphs.prefill(**inputs, use_cache=True, **_for_graph(graphs.prefill, extras, batch))
+        _write_cache_prefix(peft_model, out["cache"])
+        if cache is not None:
+            for mine, theirs in ((cache.self_attention_cache, out["cache"].self_attention_cache),
+                                 (cache.cross_attention_cache, out["cache"].cross_attention_cache)):
+                for i, layer in enumerate(theirs.layers):
+                    mine.update(layer.keys, layer.values, i)
+            cache.is_updated = {i: True for i in range(len(cache.cross_attention_cache.layers))}
+            out["cache"] = cache
+    else:
+        if ids.shape[1] != 1:
+            raise GraphPeftError("an encoder-decoder step with a cache takes one new decoder token; pass the "
+                                 "decoder_input_ids without a cache")
+        out = graphs.step(**inputs, cache=cache, use_cache=True)
+        for old, layer in zip(cache.self_attention_cache.layers, out["cache"].self_attention_cache.layers):
+            old.keys, old.values = layer.keys, layer.values
+        out["cache"] = cache
+    if use_cache is False:
+        out["cache"] = None
+    return out
+
+
+class _GraphEncoder(nn.Module):
+    """What ``get_encoder()`` gives transformers' generate on an encoder-decoder: the rewritten encoder graph."""
+
+    def __init__(self, peft_model: Any, extras: dict):
+        super().__init__()
+        self.__dict__["_graphpeft_model"], self.__dict__["_graphpeft_extras"] = peft_model, extras
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        for name in _REFUSED:
+            if kwargs.pop(name, None):
+                raise GraphPeftError(f"{name} is not part of graphpeft's generation graphs; generate without it")
+        if input_ids is None or kwargs.get("inputs_embeds") is not None:
+            raise GraphPeftError("generate() on encoder-decoders takes input_ids with graphpeft (not inputs_embeds)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder = _graphs(self.__dict__["_graphpeft_model"]).encoder
+        extras = _for_graph(encoder, self.__dict__["_graphpeft_extras"], input_ids.shape[0])
+        return BaseModelOutput(last_hidden_state=encoder(input_ids=input_ids, attention_mask=attention_mask, **extras))
+
+
+def _for_graph(gm: fx.GraphModule, extras: dict, batch: int) -> dict:
+    """The extra inputs (task ids) that ``gm`` itself takes, repeated for beams."""
+    wanted = gm.meta.get(EXTRA_INPUTS, {})
+    return _batched({k: v for k, v in extras.items() if k in wanted}, batch)
+
+
 def _write_cache_prefix(peft_model: Any, cache: Any) -> None:
     """A rule whose keys and values are replaced at the attention sites (a learned prefix) says, through
     ``rule.cache_prefix(graph_module, records)``, what the first positions of each layer's cache hold."""
@@ -180,7 +266,7 @@ def _write_cache_prefix(peft_model: Any, cache: Any) -> None:
             continue
         with torch.no_grad():
             for layer, (key, value) in hook(peft_model.graph_module, [r for r in records if r.rule == name]).items():
-                target = cache.layers[layer]
+                target = getattr(cache, "self_attention_cache", cache).layers[layer]
                 target.keys[:, :, :key.shape[1]] = key.to(target.keys.dtype)
                 target.values[:, :, :value.shape[1]] = value.to(target.values.dtype)
 
@@ -207,7 +293,7 @@ def _graphs(peft_model: Any) -> _Graphs:
         with torch.random.fork_rng(devices=cuda):   # the passes' initialisers must not move the user's seed
             graphs = state[key] = _build(peft_model, None if key == _BASE_KEY else key)
     if graphs.device != device and device is not None:
-        for gm in (graphs.prefill, graphs.step):
+        for gm in graphs.all():
             retarget_device(gm.graph, device)
             gm.recompile()
         graphs.device = device
@@ -215,89 +301,170 @@ def _graphs(peft_model: Any) -> _Graphs:
 
 
 def _build(peft_model: Any, adapter_name: Optional[str]) -> _Graphs:
-    from transformers.integrations.executorch import register_dynamic_cache_export_support
-
-    register_dynamic_cache_export_support()
+    _register_cache_pytrees()
     source = peft_model.__dict__["_source_model"]
-    main = peft_model.graph_module
-    where = _device(main)
+    where = _device(peft_model.graph_module)
     on = next((p.device for p in source.parameters()), torch.device("cpu"))
     example = on if on.type != "meta" else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     vocab = int(source.config.get_text_config().vocab_size)
     ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_PROMPT), generator=gen)
-    positions = not _adds_positions(peft_model, adapter_name)
-    prompt = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=_positions(ids.shape[1], 0))
-    constants = _prefill_constants(type(source))
-    if not positions:     # the model's own positions, as the rule needs (and PEFT does: it ignores position_ids)
-        del prompt["position_ids"]
-    prefill = _rewritten(peft_model, adapter_name, _export(source, _on(prompt, example), constants, past=False))
-    extras = {name: _example_extra(prefill, name) for name in prefill.meta.get(EXTRA_INPUTS, {})}
-    with torch.no_grad():     # the step graph is captured on a real cache, as the prefill graph makes it
-        cache = prefill(**_on(prompt, where), **constants, **_on(extras, where))["cache"]
-        cache = _cache_on(cache, example)
-    past = cache.get_seq_length()
     new = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_NEW), generator=gen)
-    stepping = dict(input_ids=new, attention_mask=torch.ones(_EXAMPLE_BATCH, past + _EXAMPLE_NEW, dtype=torch.long),
-                    position_ids=_positions(_EXAMPLE_NEW, past))
-    if not positions:
-        del stepping["position_ids"]
-    # a rule that adds positions did its work in the prefill: the steps read them from the cache
-    step = _rewritten(peft_model, adapter_name if positions else None,
-                      _export(source, {**_on(stepping, example), "cache": cache}, {"use_cache": True}, past=True))
-    for gm in (prefill, step):
+    adds = _adds_positions(peft_model, adapter_name)
+    covered: set = set()
+
+    def rewritten(gm: fx.GraphModule, may_skip: bool, rewrite: bool = True) -> fx.GraphModule:
+        bound, keys = _rewritten(peft_model, adapter_name if rewrite else None, gm, may_skip)
+        covered.update(keys)
         if where is not None:
-            retarget_device(gm.graph, where)
-            gm.recompile()
-    return _Graphs(prefill, step, where, positions)
+            retarget_device(bound.graph, where)
+            bound.recompile()
+        return bound
+
+    def run(gm: fx.GraphModule, **inputs: Any) -> Any:
+        extras = {name: _example_extra(gm, name) for name in gm.meta.get(EXTRA_INPUTS, {})}
+        with torch.no_grad():
+            return gm(**_on(inputs, where), **_on(extras, where))
+
+    if getattr(source.config, "is_encoder_decoder", False):
+        graphs = _build_seq2seq(source, ids, new, example, adds, rewritten, run)
+    else:
+        prompt = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=_positions(ids.shape[1], 0))
+        if adds:      # the model's own positions, as the rule needs (and PEFT does: it ignores position_ids)
+            del prompt["position_ids"]
+        constants = _prefill_constants(type(source))
+        prefill = rewritten(_export(source, _on(prompt, example), constants, "Prefill"), may_skip=False)
+        cache = _cache_on(run(prefill, **prompt, **constants)["cache"], example)   # the step graph's example cache
+        past = cache.get_seq_length()
+        stepping = dict(input_ids=new, attention_mask=torch.ones(_EXAMPLE_BATCH, past + _EXAMPLE_NEW, dtype=torch.long),
+                        position_ids=_positions(_EXAMPLE_NEW, past))
+        if adds:
+            del stepping["position_ids"]
+        # a rule that adds positions did its work in the prefill: the steps read them from the cache
+        step = rewritten(_export(source, {**_on(stepping, example), "cache": cache}, {"use_cache": True}, "Step"),
+                         may_skip=False, rewrite=not adds)
+        graphs = _Graphs(prefill, step, where, not adds)
+    if adapter_name is not None:
+        have = {_site_key(r) for r in peft_model.records if r.adapter == adapter_name}
+        if covered != have:
+            missing = sorted(have - covered) or sorted(covered - have)
+            raise GraphPeftError(f"the generation graphs do not rewrite the model's site {missing[0][1]!r} as its "
+                                 f"training graph does; generate with the merged model (merge_and_unload())")
+    return graphs
 
 
-def _export(source: nn.Module, tensors: dict, constants: dict, past: bool) -> fx.GraphModule:
+def _build_seq2seq(source: nn.Module, ids: torch.Tensor, new: torch.Tensor, example: torch.device, adds: bool,
+                   rewritten: Any, run: Any) -> _Graphs:
+    """Encoder-decoders: an encoder graph (what generate's ``get_encoder()`` runs), then the decoder's prefill
+    and step graphs, which read the encoder's output and cache the cross-attention keys and values once."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if getattr(source, "main_input_name", "input_ids") != "input_ids":
+        raise GraphPeftError(f"generate() on {type(source).__name__} (input {source.main_input_name!r}) is not "
+                             f"supported yet; text encoder-decoders (T5, BART) are")
+    mask = torch.ones_like(ids)
+    encoder = rewritten(_export(source, _on(dict(input_ids=ids, attention_mask=mask), example), {}, "Encoder",
+                                forward=_encoder_forward), may_skip=True)
+    hidden = run(encoder, input_ids=ids, attention_mask=mask).to(example)
+    start = getattr(source.config, "decoder_start_token_id", None) or 0
+    decoder = torch.cat([torch.full((_EXAMPLE_BATCH, 1), start, dtype=torch.long), new[:, :1]], dim=1)
+    context = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                   attention_mask=torch.ones(_EXAMPLE_BATCH, hidden.shape[1], dtype=torch.long).to(example))
+    prefill = rewritten(_export(source, {**context, "decoder_input_ids": _on({"d": decoder}, example)["d"]},
+                                {"use_cache": True}, "Prefill"), may_skip=True)
+    cache = _cache_on(run(prefill, **context, decoder_input_ids=decoder, use_cache=True)["cache"], example)
+    step = rewritten(_export(source, {**context, "decoder_input_ids": new[:, :1].to(example), "cache": cache},
+                             {"use_cache": True}, "Step"), may_skip=True, rewrite=not adds)
+    return _Graphs(prefill, step, _device(prefill), False, encoder)
+
+
+def _encoder_forward(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What the encoder graph captures: the model's own encoder, under the model's module paths."""
+    return self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+
+def _export(source: nn.Module, tensors: dict, constants: dict, kind: str, forward: Any = None) -> fx.GraphModule:
+    """torch.export of ``source`` (its ``forward``, or ``forward`` bound to it: module paths stay the model's)."""
     auto = torch.export.Dim.AUTO
-    seq = auto if past else torch.export.Dim("prompt_length")   # one prompt length: a pass extends them together
-    shapes: dict[str, Any] = {k: {0: auto, 1: seq} for k in ("input_ids", "attention_mask", "position_ids")
-                              if k in tensors}
-    if past:
-        shapes["attention_mask"] = {0: auto, 1: auto}
-    if past:
-        layers = len(tensors["cache"].layers)
-        shapes["cache"] = [[{0: auto, 2: auto}] * layers, [{0: auto, 2: auto}] * layers]
+    shapes: dict[str, Any] = {}
+    length = torch.export.Dim("input_length")      # one prompt length: a pass extends these inputs together
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        if name in tensors:
+            shapes[name] = {0: auto, 1: length if kind in ("Prefill", "Encoder") else auto}
+    if "encoder_outputs" in tensors:
+        shapes["encoder_outputs"] = [{0: auto, 1: length}]
+        shapes["attention_mask"] = {0: auto, 1: length}
+    if "decoder_input_ids" in tensors:      # the step takes one token (the prefill: the start and any given)
+        shapes["decoder_input_ids"] = {0: auto} if kind == "Step" else {0: auto, 1: auto}
+    if "cache" in tensors:
+        shapes["cache"] = _cache_shapes(tensors["cache"], length if "encoder_outputs" in tensors else None)
     shapes.update({k: None for k in constants})
     was = source.training
     source.eval()
+    if forward is not None:
+        source.forward = types.MethodType(forward, source)    # an instance attribute, deleted below
     try:
         ep = torch.export.export(source, (), {**tensors, **constants}, strict=False, dynamic_shapes=shapes)
+        signature = inspect.signature(source.forward)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GraphPeftError(f"could not capture {type(source).__name__} with a KV cache for generation: "
                              f"{type(exc).__name__}: {reason[:300]}") from None
     finally:
+        if forward is not None:
+            del source.forward
         source.train(was)
     gm = ep.module()
-    gm = fx.GraphModule(gm, gm.graph, class_name=type(source).__name__ + ("StepGraph" if past else "PrefillGraph"))
+    gm = fx.GraphModule(gm, gm.graph, class_name=f"{type(source).__name__}{kind}Graph")
     gm.training = False
     gm.meta[CAPTURE_META] = CaptureInfo(
         mode="export", input_names=tuple(n.target for n in gm.graph.nodes if n.op == "placeholder"),
-        constants=dict(constants), signature=inspect.signature(source.forward), model_class=type(source).__name__,
+        constants=dict(constants), signature=signature, model_class=type(source).__name__,
         hf_config=source.config, loss_type=None, name_or_path=getattr(source.config, "_name_or_path", None) or None)
     return gm
 
 
-def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` rewritten by the adapter's pass, every parameter and buffer bound to the graph module's own."""
+def _cache_shapes(cache: Any, cross_length: Any) -> Any:
+    auto = torch.export.Dim.AUTO
+    if hasattr(cache, "self_attention_cache"):
+        own = _cache_shapes(cache.self_attention_cache, None)
+        cross = [[{0: auto, 2: cross_length}] * len(cache.cross_attention_cache.layers)] * 2
+        return [own, cross]
+    return [[{0: auto, 2: auto}] * len(cache.layers)] * 2
+
+
+def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule,
+               may_skip: bool) -> tuple[fx.GraphModule, set]:
+    """``gm`` rewritten by the adapter's pass, every parameter and buffer bound to the graph module's own;
+    with the sites it rewrote, as (rule, module path, kind).
+
+    ``may_skip``: a graph with none of the adapter's sites (an encoder, for a decoder-only adapter), or
+    with sites the training graph does not have (a prefix would land on the encoder's self-attention),
+    stays as captured; the caller checks that the graphs together cover the training graph's sites.
+    """
     from graphpeft.api import apply_method   # api builds GraphPeftModels: imported here, not at the top
 
     main = peft_model.graph_module
     wanted: set[str] = set()
+    keys: set = set()
     if adapter_name is not None:
         config = peft_model.peft_config[adapter_name]
-        gm, records = apply_method(gm, config.for_loading(), adapter_name)
+        captured, info = copy_graph(gm.graph), capture_info(gm)
+        have = {_site_key(r) for r in peft_model.records if r.adapter == adapter_name}
+        try:
+            gm, records = apply_method(gm, config.for_loading(), adapter_name)
+        except NoMatchError:
+            if not may_skip:
+                raise
+            records = []
+        keys = {_site_key(r) for r in records}
+        if not keys <= have:
+            if not may_skip:
+                raise GraphPeftError(f"the generation graph rewrites {sorted(keys - have)[0][1]!r}, which the "
+                                     f"model's training graph does not; generate with the merged model")
+            gm, records, keys = fx.GraphModule(gm, captured, class_name=type(gm).__name__), [], set()
+            gm.meta[CAPTURE_META] = info
         wanted = {p for rec in records for p in rec.params}
-        have = {p for rec in peft_model.records if rec.adapter == adapter_name for p in rec.params}
-        if wanted != have:
-            missing = sorted(wanted ^ have)
-            raise GraphPeftError(f"the generation graph's adapter sites differ from the model's ({missing[0]}); "
-                                 f"generate with the merged model (merge_and_unload())")
     source = peft_model.__dict__["_source_model"]
     shared = wanted | {n for n, _ in source.named_parameters(remove_duplicate=False)} | \
         {n for n, _ in source.named_buffers(remove_duplicate=False)}
@@ -321,7 +488,29 @@ def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule)
     for p in bound.parameters():
         if p.requires_grad and not any(p is q for q in main.parameters()):
             p.requires_grad_(False)
-    return bound
+    return bound, keys
+
+
+def _site_key(rec: Any) -> tuple:
+    return (rec.rule, rec.module_path, rec.kind)
+
+
+def _register_cache_pytrees() -> None:
+    """DynamicCache (transformers' own registration) and EncoderDecoderCache as pytrees, for torch.export."""
+    import torch.utils._pytree as pytree
+    from transformers import EncoderDecoderCache
+    from transformers.integrations.executorch import register_dynamic_cache_export_support
+
+    register_dynamic_cache_export_support()
+    if EncoderDecoderCache in pytree.SUPPORTED_NODES:
+        return
+    pytree.register_pytree_node(
+        EncoderDecoderCache,
+        lambda c: ([c.self_attention_cache, c.cross_attention_cache], None),
+        lambda children, _: EncoderDecoderCache(*children),     # is_updated follows from the cross cache
+        serialized_type_name="transformers.cache_utils.EncoderDecoderCache",
+        flatten_with_keys_fn=lambda c: ([(pytree.GetAttrKey("self_attention_cache"), c.self_attention_cache),
+                                         (pytree.GetAttrKey("cross_attention_cache"), c.cross_attention_cache)], None))
 
 
 # -- small helpers --------------------------------------------------------------------------------
@@ -345,10 +534,16 @@ def _positions(new: int, past: int) -> torch.Tensor:
 
 
 def _on(tensors: dict, device: Optional[torch.device]) -> dict:
-    return {k: v.to(device) if device is not None else v for k, v in tensors.items()}
+    if device is None:
+        return tensors
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tensors)
 
 
 def _cache_on(cache: Any, device: torch.device) -> Any:
+    if hasattr(cache, "self_attention_cache"):
+        _cache_on(cache.self_attention_cache, device)
+        _cache_on(cache.cross_attention_cache, device)
+        return cache
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
     return cache

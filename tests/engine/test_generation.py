@@ -28,7 +28,6 @@ NEW = 6
 PROMPT = dict(num_virtual_tokens=3, task_type="CAUSAL_LM")
 CASES = {
     "llama-lora": (tiny_llama, lambda: graphpeft.LoraConfig(target_modules="all-linear")),
-    "qwen2-lora": (tiny_qwen2, lambda: graphpeft.LoraConfig()),
     "gpt2-lora": (tiny_gpt2, lambda: graphpeft.LoraConfig(target_modules=["c_attn", "c_fc"])),
     "llama-ia3": (tiny_llama, lambda: graphpeft.IA3Config()),
     "gpt2-ia3": (tiny_gpt2, lambda: graphpeft.IA3Config()),
@@ -168,10 +167,15 @@ def test_a_decode_step_reads_the_cache_not_the_prompt(case):
     assert seen == [((3, 1), _virtual(ours) + 7 + i) for i in range(NEW - 1)]   # virtual tokens are in the cache
 
 
-def test_sampling_streaming_and_processors_are_transformers_own(tmp_path):
-    model = tiny_llama()
-    ours = _trained(model, graphpeft.LoraConfig())
-    theirs = _in_peft(ours, model, tmp_path)
+def _only(case, wanted):
+    """The tests below reuse the model (and its generation graphs) of one case of the fixture."""
+    if case[0] != wanted:
+        pytest.skip(f"run on the {wanted} case only")
+    return case
+
+
+def test_sampling_streaming_and_processors_are_transformers_own(case):
+    name, model, ours, theirs = _only(case, "llama-lora")
     ids, mask = _prompts(padded=True)
 
     class Collect(BaseStreamer):
@@ -198,43 +202,50 @@ def test_sampling_streaming_and_processors_are_transformers_own(tmp_path):
     assert torch.equal(torch.cat([c.reshape(-1) for c in chunks[1:-1]]), got[0, ids.shape[1]:])
 
 
-def test_merged_model_generates_the_adapter_tokens():
-    model = tiny_gpt2()
-    ours = _trained(model, graphpeft.LoraConfig(target_modules=["c_attn", "wte"]))
+def test_merged_model_generates_the_adapter_tokens(case):
+    name, model, ours, theirs = _only(case, "gpt2-lora")
     ids, mask = _prompts(padded=True)
     got = _greedy(ours, ids, mask).sequences
     merged = ours.merge_and_unload()
+    assert type(merged) is type(model)
     assert torch.equal(_greedy(merged, ids, mask).sequences, got)
 
 
-def test_disable_adapter_and_set_adapter_generate_their_own_model():
-    model = tiny_llama()
-    ours = _trained(model, graphpeft.LoraConfig())
-    ours.add_adapter("other", graphpeft.IA3Config())
+def test_generation_sees_later_weight_changes(case):
+    """The generation graphs read the training graph's own parameters: a change shows at once."""
+    name, model, ours, theirs = _only(case, "llama-lora")
+    ids, mask = _prompts(padded=False)
+    before = _greedy(ours, ids, mask).logits[0]
+    adapters = [p for p in ours.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in adapters:
+            p.mul_(2.0)
+    try:
+        after = _greedy(ours, ids, mask).logits[0]
+        want = ours(input_ids=ids, attention_mask=mask).logits[:, -1]
+    finally:
+        with torch.no_grad():
+            for p in adapters:
+                p.mul_(0.5)                   # exact: the fixture's model is as it was
+    torch.testing.assert_close(after, want, atol=ATOL, rtol=0)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_disable_adapter_and_set_adapter_generate_their_own_model(case):
+    name, model, ours, theirs = _only(case, "llama-lora")
     ids, mask = _prompts(padded=True)
     first = _greedy(ours, ids, mask).sequences
     with ours.disable_adapter():
         assert torch.equal(_greedy(ours, ids, mask).sequences, _greedy(model, ids, mask).sequences)
-    ours.set_adapter("other")                   # IA3 at its init (ones): the base model's tokens
-    assert torch.equal(_greedy(ours, ids, mask).sequences, _greedy(model, ids, mask).sequences)
-    ours.set_adapter("default")
-    assert torch.equal(_greedy(ours, ids, mask).sequences, first)
-
-
-def test_generation_sees_later_weight_changes():
-    """The generation graphs read the training graph's own parameters: a change shows at once."""
-    model = tiny_llama()
-    ours = _trained(model, graphpeft.LoraConfig())
-    ids, mask = _prompts(padded=False)
-    before = _greedy(ours, ids, mask).logits[0]
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.mul_(2.0)
-    after = _greedy(ours, ids, mask).logits[0]
-    want = ours(input_ids=ids, attention_mask=mask).logits[:, -1]
-    torch.testing.assert_close(after, want, atol=ATOL, rtol=0)
-    assert not torch.allclose(before, after, atol=1e-3)
+    ours.add_adapter("other", graphpeft.IA3Config())
+    try:
+        ours.set_adapter("other")                   # IA3 at its init (ones): the base model's tokens
+        assert torch.equal(_greedy(ours, ids, mask).sequences, _greedy(model, ids, mask).sequences)
+        ours.set_adapter("default")
+        assert torch.equal(_greedy(ours, ids, mask).sequences, first)
+    finally:
+        ours.set_adapter("default", inference_mode=True)
+        ours.delete_adapter("other")
 
 
 def test_bad_generation_requests_are_clear_errors():
