@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import types
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -49,6 +50,7 @@ _STATE = "_graphpeft_generation"          # GraphPeftModel.__dict__ entry: {key:
 _BASE_KEY = "\0base"                      # the graphs without any adapter (disable_adapter)
 _EXAMPLE_BATCH, _EXAMPLE_PROMPT, _EXAMPLE_PAST, _EXAMPLE_NEW = 2, 5, 3, 2
 _REFUSED = ("output_attentions", "output_hidden_states")
+_LEAVES = "graphpeft.generation.leaves"   # graph-module meta: (output type, path of each output leaf)
 
 
 @dataclass
@@ -130,7 +132,7 @@ def _proxy_class(cls: type) -> type:
 
 
 def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict) -> Any:
-    bound = inspect.signature(cls.forward).bind(None, *args, **kwargs).arguments
+    bound = _signature(cls).bind(None, *args, **kwargs).arguments
     bound.pop("self", None)
     extra = bound.pop("kwargs", {}) or {}
     values = {**bound, **extra}
@@ -159,17 +161,11 @@ def _forward(peft_model: Any, cls: type, args: tuple, kwargs: dict, extras: dict
         inputs["position_ids"] = positions if positions is not None else \
             (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
     if past == 0:
-        out = graphs.prefill(**inputs, **_prefill_constants(cls), **_for_graph(graphs.prefill, extras, batch))
+        out = _run_graph(graphs.prefill, cache, **inputs, **_prefill_constants(cls),
+                         **_for_graph(graphs.prefill, extras, batch))
         _write_cache_prefix(peft_model, out["cache"])
-        if cache is not None:
-            for i, layer in enumerate(out["cache"].layers):
-                cache.update(layer.keys, layer.values, i)
-            out["cache"] = cache
     else:
-        out = graphs.step(**inputs, cache=cache, use_cache=True)
-        for old, layer in zip(cache.layers, out["cache"].layers):
-            old.keys, old.values = layer.keys, layer.values
-        out["cache"] = cache
+        out = _run_graph(graphs.step, cache, **inputs, cache=cache, use_cache=True)
     if use_cache is False:
         out["cache"] = None
     return out
@@ -203,23 +199,13 @@ def _forward_seq2seq(peft_model: Any, values: dict, extras: dict) -> Any:
     inputs = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask, decoder_input_ids=ids)
     past = cache.get_seq_length() if cache is not None else 0
     if past == 0:
-        out = graphs.prefill(**inputs, use_cache=True, **_for_graph(graphs.prefill, extras, batch))
+        out = _run_graph(graphs.prefill, cache, **inputs, use_cache=True, **_for_graph(graphs.prefill, extras, batch))
         _write_cache_prefix(peft_model, out["cache"])
-        if cache is not None:
-            for mine, theirs in ((cache.self_attention_cache, out["cache"].self_attention_cache),
-                                 (cache.cross_attention_cache, out["cache"].cross_attention_cache)):
-                for i, layer in enumerate(theirs.layers):
-                    mine.update(layer.keys, layer.values, i)
-            cache.is_updated = {i: True for i in range(len(cache.cross_attention_cache.layers))}
-            out["cache"] = cache
     else:
         if ids.shape[1] != 1:
             raise GraphPeftError("an encoder-decoder step with a cache takes one new decoder token; pass the "
                                  "decoder_input_ids without a cache")
-        out = graphs.step(**inputs, cache=cache, use_cache=True)
-        for old, layer in zip(cache.self_attention_cache.layers, out["cache"].self_attention_cache.layers):
-            old.keys, old.values = layer.keys, layer.values
-        out["cache"] = cache
+        out = _run_graph(graphs.step, cache, **inputs, cache=cache, use_cache=True)
     if use_cache is False:
         out["cache"] = None
     return out
@@ -324,7 +310,7 @@ def _build(peft_model: Any, adapter_name: Optional[str]) -> _Graphs:
     def run(gm: fx.GraphModule, **inputs: Any) -> Any:
         extras = {name: _example_extra(gm, name) for name in gm.meta.get(EXTRA_INPUTS, {})}
         with torch.no_grad():
-            return gm(**_on(inputs, where), **_on(extras, where))
+            return _run_graph(gm, None, **_on(inputs, where), **_on(extras, where))
 
     if getattr(source.config, "is_encoder_decoder", False):
         graphs = _build_seq2seq(source, ids, new, example, adds, rewritten, run)
@@ -484,11 +470,82 @@ def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule,
             raise GraphPeftError(f"the generation graph does not read the model's {name}; generate with the "
                                  f"merged model (merge_and_unload()) instead")
     bound.meta.update(gm.meta)
+    _flatten_outputs(bound)
     set_train_mode(bound, False)
     for p in bound.parameters():
         if p.requires_grad and not any(p is q for q in main.parameters()):
             p.requires_grad_(False)
     return bound, keys
+
+
+def _flatten_outputs(gm: fx.GraphModule) -> None:
+    """The graph returns its output leaves as a flat tuple; ``_run_graph`` puts them into the caller's cache.
+
+    torch.export's codegen would rebuild a ModelOutput with a new DynamicCache on every call, and
+    DynamicCache's pytree unflatten copies every layer (it updates an empty cache): a second copy of the
+    whole cache per decode step.
+    """
+    import torch.utils._pytree as pytree
+
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.out_spec is None or info.out_spec.is_leaf():
+        return
+    paths = _leaf_paths(info.out_spec, ())
+    gm.meta[_LEAVES] = (info.out_spec.type, paths)
+    gm.graph._codegen.pytree_info = info._replace(out_spec=pytree.tree_structure(tuple(range(len(paths)))))
+    gm.recompile()
+
+
+def _leaf_paths(spec: Any, path: tuple) -> list[tuple]:
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    if spec.is_leaf():
+        return [path]
+    if spec.type is DynamicCache:
+        names: Any = ("keys", "values")
+    elif spec.type is EncoderDecoderCache:
+        names = ("self", "cross")
+    elif isinstance(spec.context, (list, tuple)) and len(spec.context) == len(spec.children_specs):
+        names = spec.context              # a ModelOutput's (or dict's) keys
+    else:
+        names = range(len(spec.children_specs))
+    return [leaf for name, child in zip(names, spec.children_specs) for leaf in _leaf_paths(child, (*path, name))]
+
+
+def _run_graph(gm: fx.GraphModule, into: Any, **inputs: Any) -> Any:
+    """Call a prefill or step graph; its keys and values go into the cache ``into`` (a new one when None):
+    appended to an empty cache, replacing the layers of a filled one (the graph returns them concatenated)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    leaves = gm(**inputs)
+    if _LEAVES not in gm.meta:
+        return leaves
+    kind, paths = gm.meta[_LEAVES]
+    values = dict(zip(paths, leaves))
+    fields = {p[0]: v for p, v in values.items() if len(p) == 1}
+
+    def layers(prefix: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        count = sum(1 for p in paths if p[:-1] == (*prefix, "keys"))
+        return [(values[(*prefix, "keys", i)], values[(*prefix, "values", i)]) for i in range(count)]
+
+    if any(p[:2] == ("cache", "self") for p in paths):
+        cache = into if into is not None else EncoderDecoderCache(DynamicCache(), DynamicCache())
+        _fill(cache.self_attention_cache, layers(("cache", "self")))
+        _fill(cache.cross_attention_cache, layers(("cache", "cross")))
+        cache.is_updated = {i: True for i in range(len(cache.cross_attention_cache.layers))}
+    else:
+        cache = into if into is not None else DynamicCache()
+        _fill(cache, layers(("cache",)))
+    return kind(**fields, cache=cache)
+
+
+def _fill(cache: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    if cache.get_seq_length() == 0:
+        for i, (key, value) in enumerate(layers):
+            cache.update(key, value, i)
+    else:
+        for layer, (key, value) in zip(cache.layers, layers):
+            layer.keys, layer.values = key, value
 
 
 def _site_key(rec: Any) -> tuple:
@@ -514,6 +571,11 @@ def _register_cache_pytrees() -> None:
 
 
 # -- small helpers --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
 
 @functools.lru_cache(maxsize=None)
 def _prefill_constants(cls: type) -> dict:
@@ -550,7 +612,8 @@ def _cache_on(cache: Any, device: torch.device) -> Any:
 
 
 def _device(gm: nn.Module) -> Optional[torch.device]:
-    return next((t.device for t in [*gm.parameters(), *gm.buffers()]), None)
+    first = next(itertools.chain(gm.parameters(), gm.buffers()), None)
+    return first.device if first is not None else None
 
 
 def _attr_or_none(root: nn.Module, path: str) -> Any:

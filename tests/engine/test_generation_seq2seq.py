@@ -111,19 +111,18 @@ def test_a_decode_step_reads_both_caches(case):
     extra = _extra(name)
     ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, **OFF, **extra)     # builds the graphs
     graphs = ours.__dict__["_graphpeft_generation"][ours.active_adapter]
-    seen, step = [], graphs.step
+    seen = []
 
-    def spy(**kwargs):
+    def spy(module, args, kwargs):
         cache = kwargs["cache"]
         seen.append((tuple(kwargs["decoder_input_ids"].shape), cache.self_attention_cache.get_seq_length(),
                      cache.cross_attention_cache.get_seq_length()))
-        return step(**kwargs)
 
-    graphs.step = spy
+    handle = graphs.step.register_forward_pre_hook(spy, with_kwargs=True)
     try:
         ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, **OFF, **extra)
     finally:
-        graphs.step = step
+        handle.remove()
     cross = seen[0][2]
     assert cross >= ids.shape[1]                  # the encoder's positions (and any virtual tokens before them)
     assert [(s, c) for s, _, c in seen] == [((3, 1), cross)] * (NEW - 1)
