@@ -60,6 +60,7 @@ class _Graphs:
     device: Optional[torch.device]
     positions: bool          # the graphs take position_ids (weight adapters) or compute their own (added tokens)
     encoder: Optional[fx.GraphModule] = None      # encoder-decoders: what generate's get_encoder() runs
+    config: Any = None       # the adapter config they were built for (an adapter deleted and added again differs)
 
     def all(self) -> list[fx.GraphModule]:
         return [gm for gm in (self.encoder, self.prefill, self.step) if gm is not None]
@@ -274,10 +275,12 @@ def _graphs(peft_model: Any) -> _Graphs:
     key = _BASE_KEY if peft_model._disabled else peft_model.active_adapter
     graphs = state.get(key)
     device = _device(peft_model.graph_module)
-    if graphs is None:
+    config = peft_model.peft_config.get(key)
+    if graphs is None or graphs.config is not config:
         cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):   # the passes' initialisers must not move the user's seed
             graphs = state[key] = _build(peft_model, None if key == _BASE_KEY else key)
+        graphs.config = config
     if graphs.device != device and device is not None:
         for gm in graphs.all():
             retarget_device(gm.graph, device)
