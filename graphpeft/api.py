@@ -32,9 +32,27 @@ def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_n
     projections that share an input fused); a model on the meta device is rewritten the same way and
     gets its weights later with ``graphpeft.materialize``.
     """
-    method = registry.method_for_config(config)
     gm = capture(model, example_inputs)
     base_graph = copy_graph(gm.graph)
+    gm, records = apply_method(gm, config, adapter_name, optimize)
+    # what the passes added trains, except parameters a rule registered frozen (requires_grad=False)
+    trainable = {name for rec in records for name in rec.params if get_attr_path(gm, name).requires_grad}
+    for name, param in gm.named_parameters():
+        param.requires_grad_(name in trainable)
+    out = GraphPeftModel(gm, {adapter_name: config}, tuple(records), base_graph)
+    out.train(model.training if not isinstance(model, fx.GraphModule) else gm.training)
+    if not isinstance(model, fx.GraphModule):
+        out.keep_source_model(model)
+    return out
+
+
+def apply_method(gm: fx.GraphModule, config: Any, adapter_name: str = "default",
+                 optimize: bool = True) -> tuple[fx.GraphModule, list]:
+    """Run ``config``'s pass on a captured graph (plus modules_to_save and the optimisations): (graph module, records).
+
+    ``rewrite`` uses it on the training graph; generation uses it on the graphs captured with a cache.
+    """
+    method = registry.method_for_config(config)
     to_save = list(getattr(config, "modules_to_save", None) or [])
     if getattr(config, "task_type", None) == "SEQ_CLS":
         to_save += [h for h in _SEQ_CLS_HEADS if h not in to_save]
@@ -51,13 +69,7 @@ def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_n
                                         key_prefix=getattr(config, "saved_key_prefix", "base_model.model."))
     if optimize:
         optimize_graph(gm)
-    # what the passes added trains, except parameters a rule registered frozen (requires_grad=False)
-    trainable = {name for rec in records for name in rec.params if get_attr_path(gm, name).requires_grad}
-    for name, param in gm.named_parameters():
-        param.requires_grad_(name in trainable)
-    out = GraphPeftModel(gm, {adapter_name: config}, tuple(records), base_graph)
-    out.train(model.training if not isinstance(model, fx.GraphModule) else gm.training)
-    return out
+    return gm, records
 
 
 def from_pretrained(model: nn.Module, adapter_dir: str, example_inputs: Any = None, adapter_name: str = "default",

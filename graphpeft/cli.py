@@ -292,6 +292,7 @@ def cmd_methods(args: argparse.Namespace, method: registry.Method) -> dict:
 _COMMANDS: dict[str, Callable[[argparse.Namespace, registry.Method], dict]] = {
     "inspect": cmd_inspect, "rewrite": cmd_rewrite, "train": cmd_train, "export": cmd_export,
     "edge-train": cmd_edge_train, "methods": cmd_methods}
+_COMMANDS.update(__import__("graphpeft.cli_generate", fromlist=["COMMANDS"]).COMMANDS)   # generate, merge
 
 
 # -- entry point ----------------------------------------------------------------------------------

@@ -449,6 +449,8 @@ def make_commands(method: registry.Method) -> dict[str, click.Command]:
         help="List every registered method: its name for --method, PEFT's peft_type, the config class, and the "
              "options that set the config's fields.",
         epilog=_examples("graphpeft methods", "graphpeft methods --json"))
+    from graphpeft.cli_generate import commands as generation_commands   # generate, merge
+    commands.update(generation_commands())
     return commands
 
 

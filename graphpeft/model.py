@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphpeft import registry
-from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, retarget_device, set_train_mode
+from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path
@@ -497,6 +497,16 @@ class GraphPeftModel(CapturedModel):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    # -- the source model: merging into its class, generation (graphpeft.hf_merge, graphpeft.generation) --
+    def keep_source_model(self, model: nn.Module) -> None:
+        """Remember the model the graph was captured from, as a plain attribute (not a submodule)."""
+        self.__dict__["_source_model"] = model
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` with the active adapter, on graphs captured with a KV cache."""
+        from graphpeft.generation import generate
+        return generate(self, *args, **kwargs)
+
     # -- saving and merging ------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         state_dict: Optional[dict] = None, is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
@@ -543,16 +553,31 @@ class GraphPeftModel(CapturedModel):
             return nn.modules.module._IncompatibleKeys([], [])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def merge_and_unload(self) -> CapturedModel:
-        """A plain module with the active adapter merged into the weights: no adapter nodes, same outputs.
+    def merge_and_unload(self) -> nn.Module:
+        """The model with the active adapter merged into the weights: no adapter nodes, same outputs.
 
-        The model's own weights are not changed: merged weights are new tensors in the returned module.
+        For a Hugging Face model, an instance of its own class (e.g. ``LlamaForCausalLM``) that saves,
+        loads and generates as any; otherwise a plain module running the merged graph. The model's own
+        weights are not changed: merged weights are new tensors in the returned module.
         """
+        records = self._mergeable_records()
+        source = self.__dict__.get("_source_model")
+        if is_hf_model(source):
+            from graphpeft.hf_merge import merged_hf_model
+            return merged_hf_model(self, source, records)
+        return self.merged_graph()
+
+    def _mergeable_records(self) -> list[Rewrite]:
         records = [r for r in self.records if r.adapter == self.active_adapter]
         unmergeable = sorted({r.rule for r in records if not registry.rule(r.rule).mergeable})
         if unmergeable:
             raise GraphPeftError(f"{unmergeable[0]} adds tokens, not a weight update: it cannot be merged into "
                                  f"the weights; keep the adapter model as it is")
+        return records
+
+    def merged_graph(self) -> CapturedModel:
+        """The base graph with the active adapter merged into its weights, behind the model's call signature."""
+        records = self._mergeable_records()
         graph = copy_graph(self._base_graph)
         merged = fx.GraphModule(self.graph_module, graph, class_name="MergedGraph")
         merged.meta[CAPTURE_META] = capture_info(self.graph_module)

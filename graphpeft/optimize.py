@@ -255,7 +255,7 @@ def merge_for_inference(model: Any) -> Any:
         before:  x ─ linear(W) ─ add ─ y        after:  x ─ linear(W') ─ y
                  └ linear(A) ─ linear(B) ┘
     """
-    merged = model.merge_and_unload()
+    merged = model.merged_graph()
     gm = merged.graph_module
     inference = InferenceModel(gm)
     drop_identity_dropout(gm, inference=True)

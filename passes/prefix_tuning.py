@@ -306,6 +306,25 @@ class PrefixTuningRule(Rule):
 
     # -- what the engine asks after rewriting ---------------------------------------------------------
     @classmethod
+    def cache_prefix(cls, gm: fx.GraphModule, records: list[Rewrite]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{attention site j: (key prefix, value prefix)}, each [h, V, d]: what the V filler positions of a
+        KV cache must hold once a prefill through the rewritten graph has filled it (PEFT's past_key_values).
+
+        The graph replaces the fillers' keys and values at the attention sites only; the cache a model
+        writes before its attention still holds the fillers' own. Generation overwrites them with these,
+        so the decode steps (the base graph, reading the cache) see the prefix.
+        """
+        entry = next((r for r in records if r.kind == ENCODER_KIND), None)
+        if entry is None:
+            return {}
+        info = entry.info
+        heads, n = int(info["num_attention_heads"]), int(info["num_virtual_tokens"])
+        prefix = prompt_embeddings(gm, entry).detach()
+        prefix = prefix.view(n, 2 * int(info["num_layers"]), heads, int(info["token_dim"]) // heads).permute(1, 2, 0, 3)
+        return {int(r.info["layer"]): (prefix[int(r.info["key_row"])], prefix[int(r.info["value_row"])])
+                for r in records if r.kind != ENCODER_KIND and "layer" in r.info}
+
+    @classmethod
     def saved_config(cls, data: dict[str, Any], records: list[Rewrite]) -> dict[str, Any]:
         """The sizes read off the model are written out, as PEFT writes its resolved config."""
         entry = next((r for r in records if r.kind == ENCODER_KIND), None)

@@ -23,7 +23,11 @@ neighbour slows all of them alike):
     only grows, and the allocator keeps freed pages). ONNX Runtime allocates outside torch: its figure is
     the growth of the process RSS sampled during its steps, not comparable to the others;
 (e) inference: an eval forward of the base model, the adapted models, and graphpeft.merge_for_inference;
-(f) gradient checkpointing: the LoRA q,v step time and peak memory of PEFT and graphpeft with and without
+(f) generation (Llama workload): greedy generate of --gen-new tokens after a --gen-prompt-token prompt
+    (batch 1), graphpeft against PEFT, for LoRA q,v, LoRA all-linear, IA3 and prefix tuning (the first
+    graphpeft call, which captures and rewrites the cached graphs, is reported apart); and one decode step
+    at that cache length: graphpeft's unmerged LoRA (all-linear) step graph against the merged model's step.
+(g) gradient checkpointing: the LoRA q,v step time and peak memory of PEFT and graphpeft with and without
     it (PEFT: the model's gradient_checkpointing_enable; graphpeft: the graph cut at its layers, each
     layer recomputed in the backward pass; both non-reentrant).
 
@@ -448,7 +452,85 @@ def inference_times(w: Workload, models: dict[str, torch.nn.Module], reps: int) 
     return {k: median(v) for k, v in times.items()}
 
 
-# -- (f) gradient checkpointing -------------------------------------------------------------------------------
+def generation_times(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    """(f): generate time, graphpeft / PEFT, and the unmerged / merged decode step."""
+    import peft
+
+    base = copy.deepcopy(w.model).eval()
+    vocab = base.config.vocab_size
+    ids = torch.randint(3, vocab, (1, args.gen_prompt), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
+                  do_sample=False, pad_token_id=0, eos_token_id=None)
+    configs = {
+        "lora q,v": (graphpeft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=w.qv),
+                     peft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=w.qv)),
+        "lora all-linear": (graphpeft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear"),
+                            peft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear")),
+        "ia3": (graphpeft.IA3Config(task_type="CAUSAL_LM"), peft.IA3Config(task_type="CAUSAL_LM")),
+        "prefix tuning": (graphpeft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM"),
+                          peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
+    }
+    runs: dict[str, Callable[[], Any]] = {}
+    first: dict[str, float] = {}
+    ours: dict[str, Any] = {}
+    for name, (mine, theirs) in configs.items():
+        torch.manual_seed(0)
+        ours[name] = graphpeft.rewrite(base, mine).eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            ours[name].generate(**kwargs)            # captures and rewrites the prefill and step graphs
+        first[name] = time.perf_counter() - start
+        torch.manual_seed(0)
+        theirs_model = peft.get_peft_model(copy.deepcopy(base), theirs).eval()
+        runs[f"graphpeft {name}"] = (lambda m=ours[name]: m.generate(**kwargs))
+        runs[f"peft {name}"] = (lambda m=theirs_model: m.generate(**kwargs))
+    times: dict[str, list] = {k: [] for k in runs}
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()
+        for _ in range(args.gen_reps):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    result: dict[str, Any] = {"prompt_tokens": args.gen_prompt, "new_tokens": args.gen_new,
+                              "generate_s": {k: median(v) for k, v in times.items()}, "first_generate_s": first}
+    result["step_ms"] = _decode_steps(ours["lora all-linear"], ids, args.reps)
+    return result
+
+
+def _decode_steps(peft_model: Any, ids: torch.Tensor, reps: int) -> dict[str, float]:
+    """One decode step at a cache of the prompt's length: graphpeft's unmerged step graph, the merged model's."""
+    from graphpeft.generation import _graphs, _run_graph
+
+    merged = peft_model.merge_and_unload().eval()
+    graphs = _graphs(peft_model)
+    length = ids.shape[1]
+    mask, positions = torch.ones(1, length + 1, dtype=torch.long), torch.tensor([[length]])
+    token = ids[:, -1:]
+    with torch.no_grad():
+        cache = _run_graph(graphs.prefill, None, input_ids=ids, attention_mask=mask[:, :length],
+                           position_ids=torch.arange(length)[None], use_cache=True, logits_to_keep=1)["cache"]
+        merged_cache = merged(input_ids=ids, attention_mask=mask[:, :length], use_cache=True).cache
+        steps = {
+            "graphpeft unmerged lora all-linear": lambda: graphs.step(input_ids=token, attention_mask=mask,
+                                                                      position_ids=positions, cache=cache,
+                                                                      use_cache=True),
+            "merged model (merge_and_unload)": lambda: (merged(input_ids=token, attention_mask=mask,
+                                                               position_ids=positions, cache=merged_cache,
+                                                               use_cache=True), merged_cache.crop(-1)),
+        }
+        times: dict[str, list] = {k: [] for k in steps}
+        for fn in steps.values():
+            fn()
+        for _ in range(max(reps, 5)):
+            for name, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {k: 1000 * median(v) for k, v in times.items()}
+# -- (g) gradient checkpointing -------------------------------------------------------------------------------
 
 def checkpointing(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> dict[str, Any]:
     """LoRA q,v with and without gradient checkpointing, PEFT and graphpeft: step time and peak memory."""
@@ -473,7 +555,7 @@ def checkpointing(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> di
 
 def print_checkpointing(res: dict[str, Any]) -> None:
     step, mem = res["step_s"], res["peak_mib"]
-    print(f"\n(f) gradient checkpointing (LoRA q,v){'':<9} step ms  /plain  peak MiB  /plain   step /peft  peak /peft")
+    print(f"\n(g) gradient checkpointing (LoRA q,v){'':<9} step ms  /plain  peak MiB  /plain   step /peft  peak /peft")
     for n in step:
         plain = n.replace(" + checkpointing", "")
         peer = n.replace("graphpeft", "peft") if n.startswith("graphpeft") else None
@@ -518,9 +600,12 @@ def bench_workload(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  skipped: {result['ort']['skipped']}")
     print("(e) inference forward ...", flush=True)
     result["inference_s"] = inference_times(w, models, args.reps)
+    if args.generation and w.name.startswith("llama"):
+        print(f"(f) generation: {args.gen_prompt}-token prompt + {args.gen_new} new tokens ...", flush=True)
+        result["generation"] = generation_times(w, args)
     if args.checkpointing:
         del models
-        print("(f) gradient checkpointing ...", flush=True)
+        print("(g) gradient checkpointing ...", flush=True)
         result["checkpointing"] = checkpointing(w, args.r, args.alpha, args.reps, args.warmup)
     return result
 
@@ -567,6 +652,16 @@ def print_workload(name: str, res: dict[str, Any]) -> None:
     print(f"\n(e) inference forward (eval, no_grad, median){'':<3}  ms    /base")
     for n, t in inf.items():
         print(f"    {n:<44} {1000 * t:>7.1f} {t / inf['base model']:>7.3f}")
+    gen = res.get("generation")
+    if gen is not None:
+        g = gen["generate_s"]
+        print(f"\n(f) generate, {gen['prompt_tokens']}-token prompt + {gen['new_tokens']} new (median)  graphpeft s  "
+              f"PEFT s  graphpeft/PEFT  first graphpeft call s")
+        for name, first in gen["first_generate_s"].items():
+            print(f"    {name:<44} {g[f'graphpeft {name}']:>11.3f} {g[f'peft {name}']:>7.3f} "
+                  f"{g[f'graphpeft {name}'] / g[f'peft {name}']:>15.3f} {first:>22.2f}")
+        for name, ms in gen["step_ms"].items():
+            print(f"    decode step at {gen['prompt_tokens']} cached, {name:<38} {ms:>7.2f} ms")
     if "checkpointing" in res:
         print_checkpointing(res["checkpointing"])
 
@@ -593,6 +688,13 @@ def targets(results: dict[str, Any]) -> list[tuple[str, Optional[float], float, 
                                                                        mem[f"peft lora {label}"]), 1.0))
         for label, setup in llama["setup"].items():
             rows.append((f"passes / capture time ({label})", setup["passes_share_of_capture"], 0.10))
+        gen = llama.get("generation")
+        if gen is not None:
+            g = gen["generate_s"]
+            for name in gen["first_generate_s"]:
+                rows.append((f"generate {name} / PEFT generate", _ratio(g[f"graphpeft {name}"], g[f"peft {name}"]), 1.0))
+            steps = list(gen["step_ms"].values())
+            rows.append(("unmerged LoRA decode step / merged decode step", _ratio(steps[0], steps[1]), 1.05))
         ort = llama.get("ort", {})
         rows.append(("ONNX Runtime step / PyTorch eager step",
                      _ratio(ort.get("step_s"), e["graphpeft lora q,v"]) if "step_s" in ort else None, 0.8))
@@ -641,8 +743,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--meta-depths", type=int, nargs="*", default=None,
                         help="extra depths for the pass-linearity check (default 8 16; quick: 2)")
     parser.add_argument("--no-meta", dest="meta", action="store_false", help="skip the 7B-shape meta section")
+    parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                        help="(f) generate and decode-step timings on the Llama workload")
+    parser.add_argument("--gen-prompt", type=int, default=400, help="prompt tokens for (f) (default 400; quick: 64)")
+    parser.add_argument("--gen-new", type=int, default=48, help="new tokens for (f) (default 48; quick: 8)")
+    parser.add_argument("--gen-reps", type=int, default=3, help="timed generate calls per configuration (default 3)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="(f) gradient checkpointing with and without, PEFT and graphpeft (default: on)")
+                        help="(g) gradient checkpointing with and without, PEFT and graphpeft (default: on)")
     parser.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -651,6 +758,7 @@ def main(argv: Optional[list] = None) -> int:
         args.models = args.models or ["llama"]
         args.compile = bool(args.compile)
         args.meta_depths = [2] if args.meta_depths is None else args.meta_depths
+        args.gen_prompt, args.gen_new, args.gen_reps = min(args.gen_prompt, 64), min(args.gen_new, 8), 1
     args.models = args.models or ["llama", "minilm"]
     args.compile = True if args.compile is None else args.compile
     args.meta_depths = [8, 16] if args.meta_depths is None else args.meta_depths

@@ -94,7 +94,7 @@ def export_onnx(model: Any, path: str | os.PathLike, merged: bool = True,
             raise GraphPeftError(f"{', '.join(refused)} adapters cannot be merged into the weights; "
                                  f"export with --unmerged (merged=False)")
     inputs = dict(example_inputs) if example_inputs is not None else make_inputs(model)
-    target = model.merge_and_unload() if merged else model
+    target = model.merged_graph() if merged else model
     with train_mode(target, False), torch.no_grad():
         outputs = tuple(named_outputs(target(**inputs)))
         graph = to_onnx(target, inputs, outputs)
