@@ -43,6 +43,8 @@ from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule, RulePass
+from graphpeft.passes.lora_dora import combine, initial_magnitude, merged_rows, norm_scale
+from graphpeft.passes.lora_init import decompose, is_decomposing
 
 aten = torch.ops.aten
 SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding", "conv")
@@ -53,21 +55,29 @@ class LoraConfig(TargetingConfig):
     """PEFT's LoraConfig fields and defaults (the subset graphpeft implements)."""
 
     peft_type = "LORA"
-    unsupported_fields = ("use_dora", "lora_bias", "layer_replication", "loftq_config", "eva_config",
+    unsupported_fields = ("layer_replication", "loftq_config", "eva_config",
                           "corda_config", "trainable_token_indices", "alora_invocation_tokens",
                           "arrow_config", "kasa_config", "velora_config", "monteclora_config")
 
+    target_parameters: Optional[list[str]] = field(default=None, metadata={
+        "cli": "--target-parameters", "help": "parameters used directly by ops (e.g. MoE experts), PEFT's target_parameters"})
     r: int = field(default=8, metadata={"cli": "--r", "help": "LoRA rank"})
     lora_alpha: float = field(default=8, metadata={"cli": "--alpha", "help": "scaling numerator (alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"cli": "--dropout", "help": "dropout on the LoRA input"})
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = field(default=False, metadata={"cli": "--rslora", "help": "scale by alpha / sqrt(r)"})
-    init_lora_weights: Union[bool, str] = True
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={
+        "cli": "--init", "help": "true, false, gaussian, pissa, pissa_niter_K or olora"})
+    use_dora: bool = field(default=False, metadata={"cli": "--use-dora", "help": "DoRA: a trained magnitude per output feature"})
+    lora_bias: bool = field(default=False, metadata={"cli": "--lora-bias", "help": "a trained bias on lora_B"})
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("true", "false"):
+            self.init_lora_weights = self.init_lora_weights.lower() == "true"     # from the command line
+        init = self.init_lora_weights
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise GraphPeftError(f"r must be a positive integer, got {self.r!r}")
         if any(not isinstance(v, int) or v <= 0 for v in (self.rank_pattern or {}).values()):
@@ -76,13 +86,20 @@ class LoraConfig(TargetingConfig):
             raise GraphPeftError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":
             raise GraphPeftError(f"bias={self.bias!r} is not supported yet; use bias='none'")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise GraphPeftError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if init not in (True, False, "gaussian") and not is_decomposing(init):
+            hint = " (LoftQ needs a quantized base model; use PEFT)" if init == "loftq" else ""
+            raise GraphPeftError(f"init_lora_weights={init!r} is not supported{hint}; use True, False, 'gaussian', "
+                                 f"'pissa', 'pissa_niter_K' or 'olora'")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
             raise GraphPeftError("use_rslora cannot be combined with rank_pattern or alpha_pattern (PEFT refuses it too)")
+        if self.lora_bias and self.use_dora:
+            raise GraphPeftError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses it too)")
+        if self.lora_bias and init not in (True, False):
+            raise GraphPeftError(f"lora_bias=True needs init_lora_weights True or False, got {init!r} (as in PEFT)")
 
     def for_loading(self) -> "LoraConfig":
-        return dataclasses.replace(self, init_lora_weights=False)
+        # PiSSA / OLoRA adapters are saved against the original weight: loading recomputes the residual, as PEFT does
+        return self if is_decomposing(self.init_lora_weights) else dataclasses.replace(self, init_lora_weights=False)
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
@@ -112,19 +129,27 @@ class LoraRule(Rule):
         return select_sites(gm, cfg, SITE_KINDS, default_paths=default)
 
     def check(self, site: Site) -> Optional[str]:
-        if site.kind in PARAM_KINDS and self.config.lora_dropout:
-            return "lora_dropout must be 0 on a bare parameter site (PEFT's target_parameters refuses it too)"
+        cfg = self.config
+        if site.kind in PARAM_KINDS:
+            for name, value in (("lora_dropout", cfg.lora_dropout), ("use_dora", cfg.use_dora), ("lora_bias", cfg.lora_bias),
+                                ("init_lora_weights", is_decomposing(cfg.init_lora_weights))):
+                if value:
+                    return f"{name} is not supported on a bare parameter site (PEFT's target_parameters refuses it too)"
+        if site.kind == "embedding" and cfg.lora_bias:
+            return "lora_bias is not supported on an embedding (PEFT refuses it too)"
         if site.kind == "conv":
+            if is_decomposing(cfg.init_lora_weights):
+                return f"init_lora_weights={cfg.init_lora_weights!r} is not supported on a convolution (PEFT refuses it too)"
             args = _conv_args(site.node)
             if args["groups"] != 1 or any(d != 1 for d in args["dilation"]) or isinstance(args["padding"], str):
                 return "grouped, dilated or string-padded convolutions are not supported yet"
         return None
 
     def rewrite(self, gm: fx.GraphModule, site: Site) -> Rewrite:
-        cfg, name = self.config, self.adapter_name
+        cfg = self.config
         r, alpha = cfg.rank_and_alpha(site.module_path)
         scale = cfg.scaling(site.module_path)
-        rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=name)
+        rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=self.adapter_name)
         weight = get_attr_path(gm, site.weight_name)
         if site.kind == "embedding":
             self._embedding(rw, site, r, scale, weight)
@@ -134,8 +159,10 @@ class LoraRule(Rule):
             self._parameter_site(rw, site, r, scale, weight)
         else:
             self._linear(rw, site, r, scale, weight)
+        bias = _bias_attr(site)
         return rw.record(r=r, lora_alpha=alpha, scaling=scale, weight=site.weight_name,
-                         layout="in_out" if site.kind in ("addmm", "mm") else "out_in")
+                         layout="in_out" if site.kind in ("addmm", "mm") else "out_in",
+                         dora=bool(cfg.use_dora), lora_bias=bool(cfg.lora_bias), bias=bias)
 
     # -- the four forms ---------------------------------------------------------------------------
     def _add_pair(self, rw: Rewriter, path: str, a: torch.Tensor, b: torch.Tensor) -> tuple[str, str]:
@@ -144,25 +171,75 @@ class LoraRule(Rule):
         return (rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight"),
                 rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight"))
 
+    def _lora_bias(self, rw: Rewriter, path: str, out: int, like: torch.Tensor) -> Optional[fx.Node]:
+        """PEFT's lora_bias: lora_B has a bias (zero unless init_lora_weights=False, then nn.Linear's init)."""
+        if not self.config.lora_bias:
+            return None
+        bias = nn.Linear(self.config.r, out).bias.data
+        if self.config.init_lora_weights is not False:
+            nn.init.zeros_(bias)
+        bias = bias.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+        return rw.get_param(rw.add_parameter(f"{path}.lora_B.{self.adapter_name}.bias", bias,
+                                             f"base_model.model.{path}.lora_B.bias"))
+
+    def _magnitude(self, rw: Rewriter, path: str, value: torch.Tensor) -> str:
+        """DoRA's magnitude at PEFT's name (``lora_magnitude_vector.<adapter>.weight``)."""
+        return rw.add_parameter(f"{path}.lora_magnitude_vector.{self.adapter_name}.weight", value,
+                                f"base_model.model.{path}.lora_magnitude_vector")
+
     def _dropout(self, rw: Rewriter, x: fx.Node) -> fx.Node:
         p = float(self.config.lora_dropout)
         return rw.call(aten.dropout.default, x, p, rw.gm.training) if p else x
 
+    def _starting_pair(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor,
+                       rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as PEFT starts them; PiSSA / OLoRA also leave the graph's weight the residual."""
+        init = self.config.init_lora_weights
+        if not is_decomposing(init):
+            return _init_pair(init, r, site.in_features, site.out_features, weight)
+        a_attr = f"{site.module_path}.lora_A.{self.adapter_name}.weight"
+        if _has_attr(rw.gm, a_attr):      # a module called twice: decomposed at its first site
+            return get_attr_path(rw.gm, a_attr).data, get_attr_path(rw.gm, a_attr.replace(".lora_A.", ".lora_B.")).data
+        if not weight.dtype.is_floating_point:
+            raise GraphPeftError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 weight at "
+                                 f"{site.module_path}, got {weight.dtype}")
+        a, b = decompose(init, rows, r, scale)
+        residual = rows.detach().float() - scale * (b @ a)
+        if site.kind in ("addmm", "mm"):
+            residual = residual.T
+        rw.replace_parameter(site.weight_name, residual.to(weight.dtype).contiguous())
+        return a.to(weight.dtype), b.to(weight.dtype)
+
     def _linear(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
-        a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
+        in_out = site.kind in ("addmm", "mm")
+        a, b = self._starting_pair(rw, site, r, scale, weight, weight.T if in_out else weight)
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
+        bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
-        h = rw.call(aten.linear.default, h, rw.get_param(b_attr))
+        h = rw.call(aten.linear.default, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
         h = rw.call(aten.mul.Tensor, h, scale)
-        out = rw.call(aten.add.Tensor, site.node, h)
+        if not self.config.use_dora:
+            out = rw.call(aten.add.Tensor, site.node, h)
+        else:
+            w_now = get_attr_path(rw.gm, site.weight_name)
+            shape = (site.out_features,)
+            magnitude = self._magnitude(rw, site.module_path, initial_magnitude(
+                w_now.T if in_out else w_now, get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr), scale, shape))
+            w = self._weight_node(rw, site)
+            rows = rw.call(aten.t.default, w) if in_out else w
+            mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
+            dropped = None
+            if self.config.lora_dropout:
+                dropped = rw.call(aten.mm.default, x, w) if in_out else rw.call(aten.linear.default, x, w)
+            out = combine(rw, site.node, h, mns, self._base_bias(rw, site), dropped)
         rw.replace_uses(site.node, out)
 
     def _embedding(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         path, name = site.module_path, self.adapter_name
         num, dim = site.in_features, site.out_features
         a, b = torch.randn(r, num), torch.randn(dim, r)          # PEFT: randn, then init A=0, B=normal
-        if self.config.init_lora_weights is not False:
+        if self.config.init_lora_weights is not False:            # (PiSSA / OLoRA too: PEFT's embedding ignores them)
             nn.init.zeros_(a)
             nn.init.normal_(b)
         a, b = a.to(device=weight.device, dtype=weight.dtype), b.to(device=weight.device, dtype=weight.dtype)
@@ -177,7 +254,13 @@ class LoraRule(Rule):
         b_t = rw.call(aten.t.default, rw.get_param(b_attr))
         h = rw.call(aten.matmul.default, h, b_t)
         h = rw.call(aten.mul.Tensor, h, scale)
-        out = rw.call(aten.add.Tensor, node, h)
+        if not self.config.use_dora:
+            out = rw.call(aten.add.Tensor, node, h)
+        else:      # rows of the transposed table [dim, num]: one norm per embedding dimension
+            magnitude = self._magnitude(rw, path, initial_magnitude(
+                weight.T, get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr), scale, (dim,)))
+            rows = rw.call(aten.t.default, self._weight_node(rw, site))
+            out = combine(rw, node, h, norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, (dim,)), None)
         rw.replace_uses(node, out)
 
     def _conv(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
@@ -190,10 +273,27 @@ class LoraRule(Rule):
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         args = _conv_args(site.node)
         x = self._dropout(rw, site.node.args[0])
+        bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
         h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
-        h = rw.call(conv, h, rw.get_param(b_attr))
+        h = rw.call(conv, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
         h = rw.call(aten.mul.Tensor, h, scale)
-        out = rw.call(aten.add.Tensor, site.node, h)
+        if not self.config.use_dora:
+            out = rw.call(aten.add.Tensor, site.node, h)
+        else:
+            shape = (1, site.out_features) + (1,) * len(kernel)      # PEFT's magnitude shape for convolutions
+            magnitude = self._magnitude(rw, site.module_path, initial_magnitude(
+                weight.reshape(site.out_features, -1), get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr),
+                scale, shape))
+            w = self._weight_node(rw, site)
+            rows = rw.call(aten.reshape.default, w, [site.out_features, -1])
+            mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
+            base_bias = self._base_bias(rw, site)
+            if base_bias is not None:
+                base_bias = rw.call(aten.reshape.default, base_bias, list(shape))
+            dropped = None
+            if self.config.lora_dropout:
+                dropped = rw.call(conv, x, w, None, args["stride"], args["padding"], args["dilation"], args["groups"])
+            out = combine(rw, site.node, h, mns, base_bias, dropped)
         rw.replace_uses(site.node, out)
 
     def _parameter_site(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
@@ -205,22 +305,75 @@ class LoraRule(Rule):
         patched = rw.call(aten.add.Tensor, site.weight, delta)
         rw.replace_input(site.node, site.weight, patched)
 
+    # -- the base op's operands -------------------------------------------------------------------
+    @staticmethod
+    def _weight_node(rw: Rewriter, site: Site) -> fx.Node:
+        """The base weight as a graph value: the anchor's own operand (a call_module site has none: read it)."""
+        return site.weight if site.weight is not None else rw.get_param(site.weight_name)
+
+    @staticmethod
+    def _base_bias(rw: Rewriter, site: Site) -> Optional[fx.Node]:
+        attr = _bias_attr(site)
+        if attr is None:
+            return None
+        node = site.node
+        if node.op == "call_module":
+            return rw.get_param(attr)
+        return node.args[0] if site.kind == "addmm" else node.args[2]
+
     # -- merging ------------------------------------------------------------------------------------
     @classmethod
     def merged_weights(cls, gm: fx.GraphModule, record: Rewrite) -> dict[str, torch.Tensor]:
         info = record.info
         weight = get_attr_path(gm, info["weight"]).detach()
+        scale = float(info["scaling"])
+
+        def param(part: str) -> torch.Tensor:
+            key = next(k for k in record.params if f".{part}." in f"{k}." and not k.endswith(".bias"))
+            return get_attr_path(gm, key).detach()
+
         if record.kind == "embedding":
-            a = next(get_attr_path(gm, k) for k in record.params if ".lora_embedding_A." in k)
-            b = next(get_attr_path(gm, k) for k in record.params if ".lora_embedding_B." in k)
-            delta = (b @ a).T
+            a, b = param("lora_embedding_A"), param("lora_embedding_B")
+            rows, delta = weight.T, b @ a                                   # [dim, num]
         else:
-            a = next(get_attr_path(gm, k) for k in record.params if ".lora_A." in k)
-            b = next(get_attr_path(gm, k) for k in record.params if ".lora_B." in k)
-            delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)   # conv: B is 1x1, so this is exact
-            if info["layout"] == "in_out":
-                delta = (b @ a).T
-        return {info["weight"]: (weight + float(info["scaling"]) * delta.detach()).to(weight.dtype)}
+            a, b = param("lora_A"), param("lora_B")
+            r = a.shape[0]
+            delta = b.reshape(b.shape[0], r) @ a.reshape(r, -1)            # conv: B is 1x1, so this is exact
+            rows = weight.T if info["layout"] == "in_out" else weight.reshape(weight.shape[0], -1)
+        if info.get("dora"):
+            new_rows = merged_rows(rows, delta, scale, param("lora_magnitude_vector"))
+        else:
+            new_rows = rows + scale * delta
+        merged = new_rows.T if (record.kind == "embedding" or info["layout"] == "in_out") else new_rows.reshape(weight.shape)
+        out = {info["weight"]: merged.to(weight.dtype)}
+        if info.get("lora_bias"):
+            if info.get("bias") is None:
+                raise GraphPeftError(f"cannot merge lora_bias at {record.module_path}: its base layer has no bias "
+                                     f"(PEFT refuses it too); keep the adapter model as it is")
+            lora_b = next(get_attr_path(gm, k) for k in record.params if k.endswith(".bias")).detach()
+            base = get_attr_path(gm, info["bias"]).detach()
+            out[info["bias"]] = (base + scale * lora_b).to(base.dtype)
+        return out
+
+
+def _has_attr(root: nn.Module, path: str) -> bool:
+    try:
+        get_attr_path(root, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _bias_attr(site: Site) -> Optional[str]:
+    """Attribute path of the base op's bias parameter, or None (no bias, or not a parameter)."""
+    node = site.node
+    if site.kind not in ("linear", "addmm", "conv"):
+        return None
+    if node.op == "call_module":
+        return f"{node.target}.bias" if getattr(node.graph.owning_module.get_submodule(str(node.target)), "bias",
+                                                 None) is not None else None
+    bias = node.args[0] if site.kind == "addmm" else (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
+    return str(bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
 
 
 def _conv_args(node: fx.Node) -> dict:

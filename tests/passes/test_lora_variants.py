@@ -1,0 +1,235 @@
+"""LoRA variants against the oracle, PEFT 0.21.2: DoRA, lora_bias, PiSSA / OLoRA initialisation.
+
+Each variant: PEFT's adapter loads into graphpeft with the same outputs, graphpeft's into PEFT, the saved
+files have PEFT's keys and shapes, merging gives the same outputs, and training steps follow PEFT's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import graphpeft
+from graphpeft.errors import GraphPeftError
+from tests.models import inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+ATOL = 1e-5
+
+# name -> (builder, LoraConfig fields shared by PEFT and graphpeft)
+DORA = {
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], r=4, lora_alpha=8)),
+    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "bert": (tiny_bert_cls, dict(task_type="SEQ_CLS", target_modules=["query", "value", "dense"])),
+}
+BIAS = {
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
+    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "bert": (tiny_bert_cls, dict(task_type="SEQ_CLS", target_modules=["query", "value"])),
+}
+
+
+def _perturb(model) -> None:
+    """Move every adapter tensor away from its start (a trained-looking adapter), magnitudes included."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _pair(variant: dict, arch: str, extra: dict):
+    builder, fields = variant[arch]
+    model = builder()
+    return model, {**fields, **extra}, inputs_for(model, batch=3, seq=7, pad=2)
+
+
+def _both_ways(model, fields, batch, tmp_path, call=lambda m, b: m(**b).logits):
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
+    _perturb(pm)
+    pm.eval().save_pretrained(tmp_path / "p")
+    ours = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path / "p")
+    want = call(pm, batch)
+    assert not torch.allclose(want, call(model, batch), atol=1e-3), "the adapter must change the outputs"
+    torch.testing.assert_close(call(ours, batch), want, atol=ATOL, rtol=0)
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields))
+    _perturb(gm)
+    gm.eval().save_pretrained(tmp_path / "g")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "g").eval()
+    torch.testing.assert_close(call(theirs, batch), call(gm, batch), atol=ATOL, rtol=0)
+    keys = load_file(tmp_path / "g/adapter_model.safetensors")
+    want_keys = {k: v.shape for k, v in load_file(tmp_path / "p/adapter_model.safetensors").items()
+                 if ".base_layer." not in k}     # PEFT also stores a targeted embedding's full weight
+    assert {k: v.shape for k, v in keys.items()} == want_keys
+    return gm, pm
+
+
+def _train(models: dict, batch: dict, labels, steps: int = 3) -> dict:
+    losses = {}
+    for name, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(7)
+        losses[name] = []
+        for _ in range(steps):
+            loss = m(**batch, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    return losses
+
+
+def _trained_params(pm, gm) -> tuple[dict, dict]:
+    theirs = {k.replace("base_model.model.", "").replace(".default", ""): p
+              for k, p in pm.named_parameters() if p.requires_grad}
+    ours = {k.replace("graph_module.", "").replace(".default", ""): p for k, p in gm.named_parameters() if p.requires_grad}
+    return ours, theirs
+
+
+# -- DoRA ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(DORA))
+def test_dora_matches_peft_both_ways_and_merges(arch, tmp_path):
+    model, fields, batch = _pair(DORA, arch, dict(use_dora=True))
+    gm, pm = _both_ways(model, fields, batch, tmp_path)
+    assert any("lora_magnitude_vector" in k for k in load_file(tmp_path / "g/adapter_model.safetensors"))
+    merged = gm.merge_and_unload()
+    assert not any("lora_" in k for k, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
+    pm_merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "g").merge_and_unload()
+    torch.testing.assert_close(merged(**batch).logits, pm_merged(**batch).logits, atol=ATOL, rtol=0)
+    assert gm.get_nb_trainable_parameters() == peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(**fields)).get_nb_trainable_parameters()
+
+
+def test_dora_default_init_starts_at_the_base_model():
+    model, fields, batch = _pair(DORA, "llama", dict(use_dora=True))
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields)).eval()
+    torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("gpt2", 0.1), ("bert", 0.1)])
+def test_dora_training_steps_follow_peft(arch, dropout, tmp_path):
+    """Same weights, train mode, same seeds: AdamW steps give PEFT's losses and adapters (magnitudes included).
+
+    With lora_dropout, DoRA computes the base op once more on the dropped-out input, as PEFT does.
+    """
+    model, fields, batch = _pair(DORA, arch, dict(use_dora=True, lora_dropout=dropout))
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
+    _perturb(pm)
+    pm.save_pretrained(tmp_path)
+    gm = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path, is_trainable=True)
+    labels = torch.tensor([0, 1, 1]) if arch == "bert" else batch["input_ids"]
+    losses = _train({"peft": pm, "graphpeft": gm}, batch, labels)
+    assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
+    assert losses["peft"][-1] < losses["peft"][0]
+    ours, theirs = _trained_params(pm, gm)
+    assert sorted(ours) == sorted(theirs) and any("magnitude" in k for k in ours)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_dora_norm_is_detached_as_in_the_paper():
+    """The weight norm gets no gradient: A's gradient equals the one with the norm held constant."""
+    model, fields, batch = _pair(DORA, "llama", dict(use_dora=True, target_modules=["q_proj"]))
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields))
+    _perturb(gm)
+    nodes = [n for n in gm.graph_module.graph.nodes if n.target is torch.ops.aten.linalg_vector_norm.default]
+    assert nodes and all(next(iter(n.users)).target is torch.ops.aten.detach.default for n in nodes)
+    assert all(a.target is torch.ops.aten.detach.default
+               for n in nodes for a in n.args[0].args[1].all_input_nodes[0].all_input_nodes)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv1d(8, 4, 1, bias=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.head(self.c2(h.flatten(2)).mean(-1))
+
+
+@pytest.mark.parametrize("extra", [dict(use_dora=True), dict(lora_bias=True)], ids=["dora", "lora_bias"])
+def test_conv_variants_match_peft_both_ways(extra, tmp_path):
+    torch.manual_seed(0)
+    net, x = SmallCNN().eval(), torch.randn(2, 3, 6, 6)
+    fields = dict(target_modules=["c1", "c2", "head"], r=4, **extra)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(**fields))
+    _perturb(pm)
+    pm.eval().save_pretrained(tmp_path / "p")
+    ours = graphpeft.from_pretrained(copy.deepcopy(net), tmp_path / "p", example_inputs=(x,))
+    assert not torch.allclose(pm(x), net(x), atol=1e-3)
+    torch.testing.assert_close(ours(x), pm(x), atol=ATOL, rtol=0)
+    gm = graphpeft.rewrite(copy.deepcopy(net), graphpeft.LoraConfig(**fields), example_inputs=(x,))
+    _perturb(gm)
+    gm.eval().save_pretrained(tmp_path / "g")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "g").eval()
+    torch.testing.assert_close(theirs(x), gm(x), atol=ATOL, rtol=0)
+    assert ({k: v.shape for k, v in load_file(tmp_path / "g/adapter_model.safetensors").items()}
+            == {k: v.shape for k, v in load_file(tmp_path / "p/adapter_model.safetensors").items()})
+    if "use_dora" in extra:
+        torch.testing.assert_close(gm.merge_and_unload()(x), gm(x), atol=ATOL, rtol=0)
+    else:       # c2 has no bias: PEFT cannot merge lora_bias there, neither can graphpeft
+        with pytest.raises(GraphPeftError, match="c2.*no bias"):
+            gm.merge_and_unload()
+
+
+# -- lora_bias -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(BIAS))
+def test_lora_bias_matches_peft_both_ways(arch, tmp_path):
+    model, fields, batch = _pair(BIAS, arch, dict(lora_bias=True))
+    gm, pm = _both_ways(model, fields, batch, tmp_path)
+    assert any(k.endswith("lora_B.bias") for k in load_file(tmp_path / "g/adapter_model.safetensors"))
+    if arch == "llama":         # llama's projections have no bias: merging is refused, as in PEFT
+        with pytest.raises(GraphPeftError, match="no bias"):
+            gm.merge_and_unload()
+    else:
+        torch.testing.assert_close(gm.merge_and_unload()(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_lora_bias_training_steps_follow_peft(arch, tmp_path):
+    model, fields, batch = _pair(BIAS, arch, dict(lora_bias=True, lora_dropout=0.1))
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
+    pm.save_pretrained(tmp_path)
+    gm = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path, is_trainable=True)
+    labels = torch.tensor([0, 1, 1]) if arch == "bert" else batch["input_ids"]
+    losses = _train({"peft": pm, "graphpeft": gm}, batch, labels)
+    assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
+    ours, theirs = _trained_params(pm, gm)
+    assert sorted(ours) == sorted(theirs) and any(k.endswith("lora_B.bias") for k in ours)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+
+
+# -- refusals (PEFT's, as one line) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(use_dora=True, lora_bias=True), "lora_bias=True cannot be combined with use_dora"),
+    (dict(lora_bias=True, init_lora_weights="pissa"), "lora_bias=True needs init_lora_weights True or False"),
+    (dict(init_lora_weights="loftq"), "LoftQ needs a quantized base"),
+    (dict(init_lora_weights="eva"), "init_lora_weights='eva' is not supported"),
+])
+def test_unsupported_combinations_are_one_line_errors(fields, match):
+    with pytest.raises(GraphPeftError, match=match):
+        graphpeft.LoraConfig(**fields)
+
+
+def test_lora_bias_on_an_embedding_is_declined():
+    model = tiny_llama()
+    with pytest.raises(GraphPeftError, match="lora_bias is not supported on an embedding"):
+        graphpeft.rewrite(model, graphpeft.LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
