@@ -398,15 +398,20 @@ class GraphPeftModel(CapturedModel):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- saving and merging ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None) -> None:
-        """Save each adapter (default: all) as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``."""
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
+        """Save each adapter (default: all) as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``.
+
+        ``path_initial_model_for_weight_conversion``: as PEFT, save a PiSSA/OLoRA adapter converted to plain LoRA
+        against the initial adapter saved in that folder right after rewriting."""
         from graphpeft.io import save_adapter
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
         for name in names:
-            save_adapter(self, save_directory if name == "default" else f"{save_directory}/{name}", name)
+            save_adapter(self, save_directory if name == "default" else f"{save_directory}/{name}", name,
+                         initial=path_initial_model_for_weight_conversion)
 
     def merge_and_unload(self) -> CapturedModel:
         """A plain module with the active adapter merged into the weights: no adapter nodes, same outputs.

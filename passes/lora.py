@@ -44,7 +44,7 @@ from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule, RulePass
 from graphpeft.passes.lora_dora import combine, initial_magnitude, merged_rows, norm_scale
-from graphpeft.passes.lora_init import decompose, is_decomposing
+from graphpeft.passes.lora_init import converted_config, converted_state, decompose, is_decomposing
 
 aten = torch.ops.aten
 SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding", "conv")
@@ -203,6 +203,7 @@ class LoraRule(Rule):
         if not weight.dtype.is_floating_point:
             raise GraphPeftError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 weight at "
                                  f"{site.module_path}, got {weight.dtype}")
+        _init_pair(False, r, site.in_features, site.out_features, weight)   # PEFT's nn.Linear pair: same random stream
         a, b = decompose(init, rows, r, scale)
         residual = rows.detach().float() - scale * (b @ a)
         if site.kind in ("addmm", "mm"):
@@ -403,6 +404,11 @@ class LoraPass(RulePass):
     """torch.fx pass: ``LoraPass(LoraConfig(...))(graph_module) -> PassResult``."""
 
     rule_cls = LoraRule
+
+    @staticmethod
+    def convert_for_initial_model(state: dict, initial: dict, config: dict) -> tuple[dict, dict]:
+        """PEFT's path_initial_model_for_weight_conversion: a PiSSA / OLoRA adapter as plain LoRA of rank 2r."""
+        return converted_state(state, initial), converted_config(config)
 
 
 register_method("lora", LoraConfig, LoraPass, "low-rank adapters on weight ops (PEFT LoRA)")

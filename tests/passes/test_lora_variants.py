@@ -233,3 +233,103 @@ def test_lora_bias_on_an_embedding_is_declined():
     model = tiny_llama()
     with pytest.raises(GraphPeftError, match="lora_bias is not supported on an embedding"):
         graphpeft.rewrite(model, graphpeft.LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
+
+
+# -- PiSSA / OLoRA ---------------------------------------------------------------------------------
+
+DECOMPOSE = {
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=16)),
+    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, r=4)),
+    "bert": (tiny_bert_cls, dict(task_type="SEQ_CLS", target_modules=["query", "value"], r=4)),
+}
+
+
+@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("llama", "pissa_niter_4"), ("llama", "olora"),
+                                       ("gpt2", "pissa"), ("gpt2", "pissa_niter_2"), ("bert", "olora")])
+def test_decomposing_init_equals_peft_and_starts_at_the_base_model(arch, init):
+    model, fields, batch = _pair(DECOMPOSE, arch, dict(init_lora_weights=init))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields)).eval()
+    torch.manual_seed(0)
+    gm = graphpeft.rewrite(model, graphpeft.LoraConfig(**fields)).eval()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the user's model is unchanged"
+    ours = {k.replace("graph_module.", "base_model.model."): v for k, v in gm.named_parameters()}
+    theirs = dict(pm.named_parameters())
+    adapters = [k for k in theirs if ".lora_" in k]
+    residuals = [k for k in theirs if k.endswith(".base_layer.weight")]
+    assert adapters and residuals
+    for k in adapters:          # A and B from the decomposition, equal to PEFT's
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    for k in residuals:         # and the base weight in the graph is the residual, as PEFT's
+        assert not torch.allclose(theirs[k], before[k.replace("base_model.model.", "").replace("base_layer.", "")])
+        torch.testing.assert_close(ours[k.replace("base_layer.", "")], theirs[k], atol=1e-6, rtol=0, msg=k)
+    torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=ATOL, rtol=0)
+    with gm.disable_adapter(), pm.disable_adapter():  # as in PEFT, the adapter off leaves the residual model
+        torch.testing.assert_close(gm(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_olora_on_conv1d_follows_the_mathematics_where_peft_breaks():
+    """PEFT's olora_init takes the QR of GPT-2's Conv1D weight without transposing it ([in, out]): A gets the
+    wrong shape and the forward fails. graphpeft decomposes W in [out, in] like PiSSA does: same start as the base."""
+    model, fields, batch = _pair(DECOMPOSE, "gpt2", dict(init_lora_weights="olora"))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))(**batch)
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields)).eval()
+    torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=ATOL, rtol=0)
+    a = dict(gm.named_parameters())["graph_module.transformer.h.0.attn.c_attn.lora_A.default.weight"]
+    assert torch.allclose(a.tril(-1), torch.zeros_like(a)), "A is R's first rows: upper triangular"
+
+
+@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "olora")])
+def test_decomposed_adapters_load_both_ways_against_the_original_weights(arch, init, tmp_path):
+    """A saved PiSSA/OLoRA adapter keeps its init in adapter_config.json: loading it into the original model
+    recomputes the residual (PEFT does the same), so the loaded model equals the trained one."""
+    model, fields, batch = _pair(DECOMPOSE, arch, dict(init_lora_weights=init))
+    _both_ways(model, fields, batch, tmp_path)
+    assert json.loads((tmp_path / "g/adapter_config.json").read_text())["init_lora_weights"] == init
+
+
+@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "olora")])
+def test_conversion_to_plain_lora_equals_peft(arch, init, tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...) writes a plain LoRA of rank 2r on the
+    original weights: the same files as PEFT's conversion, and PEFT loads it with the trained model's outputs."""
+    model, fields, batch = _pair(DECOMPOSE, arch, dict(init_lora_weights=init))
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
+    pm.peft_config["default"].init_lora_weights = True         # PEFT's documented way to save the initial adapter
+    pm.save_pretrained(tmp_path / "p_init")
+    pm.peft_config["default"].init_lora_weights = init
+    torch.manual_seed(0)
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields))
+    gm.save_pretrained(tmp_path / "g_init")
+    _perturb(pm)
+    _perturb(gm)
+    pm.save_pretrained(tmp_path / "p", path_initial_model_for_weight_conversion=str(tmp_path / "p_init"))
+    gm.save_pretrained(tmp_path / "g", path_initial_model_for_weight_conversion=str(tmp_path / "g_init"))
+    ours, theirs = load_file(tmp_path / "g/adapter_model.safetensors"), load_file(tmp_path / "p/adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    config = json.loads((tmp_path / "g/adapter_config.json").read_text())
+    want = json.loads((tmp_path / "p/adapter_config.json").read_text())
+    assert {k: config[k] for k in ("r", "lora_alpha", "init_lora_weights")} == {k: want[k] for k in
+                                                                             ("r", "lora_alpha", "init_lora_weights")}
+    plain = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "g").eval()
+    torch.testing.assert_close(plain(**batch).logits, gm.eval()(**batch).logits, atol=ATOL, rtol=0)
+    again = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path / "g")
+    torch.testing.assert_close(again(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_pissa_training_steps_follow_peft(tmp_path):
+    model, fields, batch = _pair(DECOMPOSE, "llama", dict(init_lora_weights="pissa", use_dora=True))
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
+    torch.manual_seed(0)
+    gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields))
+    losses = _train({"peft": pm, "graphpeft": gm}, batch, batch["input_ids"])
+    assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
+    ours, theirs = _trained_params(pm, gm)
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
