@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from graphpeft.errors import AdapterFormatError, GraphPeftError
+from graphpeft.match import PARAM_KINDS
 from graphpeft.outputs import atomic_write_many
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,8 +50,8 @@ def resolved_config(model: Any, adapter_name: str) -> dict[str, Any]:
     data = cfg.to_dict()
     mine = [r for r in model.records if r.rule != "modules_to_save" and r.adapter == adapter_name]
     if hasattr(cfg, "target_modules"):
-        module_sites = sorted({r.module_path for r in mine if r.kind not in ("einsum", "matmul")})
-        param_sites = sorted({r.info.get("weight") for r in mine if r.kind in ("einsum", "matmul")})
+        module_sites = sorted({r.module_path for r in mine if r.kind not in PARAM_KINDS})
+        param_sites = sorted({r.info.get("weight") for r in mine if r.kind in PARAM_KINDS})
         data["target_modules"] = module_sites or None
         data["target_parameters"] = param_sites or None
         if module_sites and all(r.kind in ("addmm", "mm") for r in mine if r.module_path in module_sites):

@@ -147,8 +147,12 @@ class LoraRule(Rule):
 
     def rewrite(self, gm: fx.GraphModule, site: Site) -> Rewrite:
         cfg = self.config
-        r, alpha = cfg.rank_and_alpha(site.module_path)
-        scale = cfg.scaling(site.module_path)
+        key = site.weight_name if site.kind in PARAM_KINDS else site.module_path    # PEFT's key for patterns
+        r, alpha = cfg.rank_and_alpha(key)
+        scale = cfg.scaling(key)
+        fused = _fused_gate_up(cfg, site, key)
+        if fused:           # PEFT's all-linear on a fused MoE gate+up parameter: the rank and alpha of both halves
+            r, alpha = 2 * r, 2 * alpha
         rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=self.adapter_name)
         weight = get_attr_path(gm, site.weight_name)
         if site.kind == "embedding":
@@ -162,7 +166,17 @@ class LoraRule(Rule):
         bias = _bias_attr(site)
         return rw.record(r=r, lora_alpha=alpha, scaling=scale, weight=site.weight_name,
                          layout="in_out" if site.kind in ("addmm", "mm") else "out_in",
-                         dora=bool(cfg.use_dora), lora_bias=bool(cfg.lora_bias), bias=bias)
+                         dora=bool(cfg.use_dora), lora_bias=bool(cfg.lora_bias), bias=bias, fused_gate_up=fused)
+
+    @classmethod
+    def saved_config(cls, data: dict, records: list[Rewrite]) -> dict:
+        """PEFT writes the doubled rank and alpha of a fused gate+up expert parameter as patterns."""
+        fused = [rec for rec in records if rec.info.get("fused_gate_up")]
+        if fused:
+            name = re.escape(str(fused[0].info["weight"]).rpartition(".")[2])
+            data = dict(data, rank_pattern={**(data.get("rank_pattern") or {}), rf".*\.{name}": fused[0].info["r"]},
+                        alpha_pattern={**(data.get("alpha_pattern") or {}), rf".*\.{name}": fused[0].info["lora_alpha"]})
+        return data
 
     # -- the four forms ---------------------------------------------------------------------------
     def _add_pair(self, rw: Rewriter, path: str, a: torch.Tensor, b: torch.Tensor) -> tuple[str, str]:
@@ -298,10 +312,19 @@ class LoraRule(Rule):
         rw.replace_uses(site.node, out)
 
     def _parameter_site(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
-        a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
-        a_attr, b_attr = self._add_pair(rw, site.param_owner, a, b)
+        """W -> W + s * B A inside the op (PEFT's ParamWrapper); for W [E, out, in], A [r*E, in], B [out, r*E] and
+        expert e's delta is B[:, k*E + e] A[e*r + k] summed over k (PEFT's einsum "o r e, e r i -> e o i")."""
+        experts = weight.shape[0] if weight.dim() == 3 else 1
+        a, b = _init_pair(self.config.init_lora_weights, r * experts, site.in_features, site.out_features, weight, r)
+        a_attr, b_attr = self._add_pair(rw, _wrapper_path(rw.gm, site, self.config), a, b)
         rw.start_before(site.node)
-        delta = rw.call(aten.mm.default, rw.get_param(b_attr), rw.get_param(a_attr))
+        b_node, a_node = rw.get_param(b_attr), rw.get_param(a_attr)
+        if experts == 1:
+            delta = rw.call(aten.mm.default, b_node, a_node)
+        else:
+            b_node = rw.call(aten.reshape.default, b_node, [site.out_features, r, experts])
+            a_node = rw.call(aten.reshape.default, a_node, [experts, r, site.in_features])
+            delta = rw.call(aten.einsum.default, "ore,eri->eoi", [b_node, a_node])
         delta = rw.call(aten.mul.Tensor, delta, scale)
         patched = rw.call(aten.add.Tensor, site.weight, delta)
         rw.replace_input(site.node, site.weight, patched)
@@ -333,6 +356,11 @@ class LoraRule(Rule):
             key = next(k for k in record.params if f".{part}." in f"{k}." and not k.endswith(".bias"))
             return get_attr_path(gm, key).detach()
 
+        if weight.dim() == 3 and record.kind in PARAM_KINDS:      # MoE experts [E, out, in]
+            a, b = param("lora_A"), param("lora_B")
+            e, out, fin = weight.shape
+            delta = torch.einsum("ore,eri->eoi", b.reshape(out, -1, e), a.reshape(e, -1, fin))
+            return {info["weight"]: (weight + scale * delta).to(weight.dtype)}
         if record.kind == "embedding":
             a, b = param("lora_embedding_A"), param("lora_embedding_B")
             rows, delta = weight.T, b @ a                                   # [dim, num]
@@ -386,15 +414,37 @@ def _conv_args(node: fx.Node) -> dict:
             for i, (n, d) in enumerate(zip(names, defaults))}
 
 
-def _init_pair(init, r: int, fin: int, fout: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r, in] and B [out, r] as PEFT initialises them (nn.Linear's init, then reset)."""
+def _fused_gate_up(cfg: LoraConfig, site: Site, key: str) -> bool:
+    """A fused gate+up MoE expert parameter reached through all-linear, with no pattern of its own."""
+    all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
+    patterned = any(re.match(rf"(.*\.)?({p})$", key) for p in {**cfg.rank_pattern, **cfg.alpha_pattern})
+    return all_linear and site.kind == "experts" and key.endswith("gate_up_proj") and not patterned
+
+
+def _wrapper_path(gm: fx.GraphModule, site: Site, cfg: LoraConfig) -> str:
+    """PEFT's key prefix of a parameter site: its module, inside one ``base_layer`` per parameter of the same module
+    targeted after it (PEFT nests one ParamWrapper per parameter, in the module's parameter order)."""
+    owner, _, leaf = site.weight_name.rpartition(".")
+    wanted = cfg.target_parameters or ()
+    all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
+    params = gm.get_submodule(owner)._parameters
+    names = [n for n, p in params.items() if (all_linear and p is not None and p.dim() == 3)
+             or any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith(f".{t}") for t in wanted)]
+    depth = len(names) - 1 - names.index(leaf) if leaf in names else 0
+    return owner + ".base_layer" * depth
+
+
+def _init_pair(init, r: int, fin: int, fout: int, weight: torch.Tensor,
+               rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in] and B [out, r] as PEFT initialises them (nn.Linear's init, then reset); ``rank`` for the
+    gaussian std when r counts several experts' ranks."""
     a = nn.Linear(fin, r, bias=False).weight.data
     b = nn.Linear(r, fout, bias=False).weight.data
     if init is True:
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(b)
     elif init == "gaussian":
-        nn.init.normal_(a, std=1 / r)
+        nn.init.normal_(a, std=1 / (rank or r))
         nn.init.zeros_(b)
     dtype = weight.dtype if weight.is_floating_point() else torch.float32
     return a.to(device=weight.device, dtype=dtype), b.to(device=weight.device, dtype=dtype)

@@ -65,7 +65,7 @@ def _both_ways(model, fields, batch, tmp_path, call=lambda m, b: m(**b).logits):
     torch.testing.assert_close(call(theirs, batch), call(gm, batch), atol=ATOL, rtol=0)
     keys = load_file(tmp_path / "g/adapter_model.safetensors")
     want_keys = {k: v.shape for k, v in load_file(tmp_path / "p/adapter_model.safetensors").items()
-                 if ".base_layer." not in k}     # PEFT also stores a targeted embedding's full weight
+                 if not k.endswith(".base_layer.weight")}     # PEFT also stores a targeted embedding's full weight
     assert {k: v.shape for k, v in keys.items()} == want_keys
     return gm, pm
 
@@ -333,3 +333,62 @@ def test_pissa_training_steps_follow_peft(tmp_path):
     assert sorted(ours) == sorted(theirs)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+
+
+# -- target_parameters on MoE experts (3-D parameters) ------------------------------------------------
+
+MOE = {
+    "both": dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"], r=2),
+    "down": dict(target_modules=None, target_parameters=["down_proj"], r=4, lora_alpha=16),
+    "all-linear": dict(target_modules="all-linear", r=2),
+}
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    from tests.models import tiny_mixtral
+
+    model = tiny_mixtral()
+    return model, {"input_ids": torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("case", sorted(MOE))
+def test_expert_parameters_match_peft_both_ways_and_merge(mixtral, case, tmp_path):
+    """PEFT's ParamWrapper semantics on [experts, out, in]: A [r*E, in], B [out, r*E]; two targeted parameters of
+    one module nest (``experts.base_layer.lora_A`` for gate_up_proj); all-linear adds the experts, with PEFT's
+    doubled rank and alpha on the fused gate_up_proj."""
+    model, batch = mixtral
+    fields = MOE[case]
+    gm, pm = _both_ways(model, fields, batch, tmp_path)
+    keys = load_file(tmp_path / "g/adapter_model.safetensors")
+    assert any(".experts." in k for k in keys)
+    if case != "down":
+        a = keys["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"]
+        assert a.shape == (fields["r"] * 4 * (2 if case == "all-linear" else 1), 32)
+    torch.testing.assert_close(gm.merge_and_unload()(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
+    assert gm.get_nb_trainable_parameters() == peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(**fields)).get_nb_trainable_parameters()
+
+
+def test_expert_parameters_training_steps_follow_peft(mixtral, tmp_path):
+    model, batch = mixtral
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**MOE["both"]))
+    _perturb(pm)
+    pm.save_pretrained(tmp_path)
+    gm = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path, is_trainable=True)
+    losses = _train({"peft": pm, "graphpeft": gm}, batch, batch["input_ids"])
+    assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
+    ours, theirs = _trained_params(pm, gm)
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("fields,match", [(dict(use_dora=True), "use_dora is not supported on a bare parameter"),
+                                          (dict(lora_dropout=0.1), "lora_dropout is not supported on a bare parameter"),
+                                          (dict(init_lora_weights="pissa"), "init_lora_weights is not supported on a bare")])
+def test_expert_parameters_refuse_what_peft_refuses(mixtral, fields, match):
+    model, _ = mixtral
+    with pytest.raises(GraphPeftError, match=match):
+        graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(target_parameters=["down_proj"], **fields))
