@@ -11,6 +11,12 @@ Sites and their forms:
     conv (W [out, in, *k]; A [r, in, *k], B [out, r, 1..])        y + s * conv_1x1(conv(dropout(x), A), B)
     embedding (W [num, dim]; A [r, num], B [dim, r])              y + s * (A^T[ids]) B^T
     einsum / matmul on a bare parameter (PEFT target_parameters)  W -> W + s * B A inside the op
+    experts: any op on a 3-D W [E, out, in] (MoE, target_parameters)  W -> W + s * per-expert B_e A_e
+                                                                    (A [r*E, in], B [out, r*E], PEFT's layout)
+
+Variants (PEFT's fields): ``lora_bias`` (B has a bias, scaled with the branch), ``use_dora`` (DoRA, see
+passes/lora_dora.py), ``init_lora_weights`` "pissa" / "pissa_niter_K" / "olora" (A and B from the base
+weight, which keeps the residual, see passes/lora_init.py).
 
 before:                       after (linear):
     x ─ linear(W, b) ─ y          x ─ linear(W, b) ───────────────────┬─ add ─ y
@@ -26,96 +32,28 @@ Parameters live at PEFT's in-memory names (``<path>.lora_A.<adapter>.weight``,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.config import TargetingConfig
 from graphpeft.errors import GraphPeftError
-from graphpeft.match import CONV_OPS, LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
+from graphpeft.match import LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule, RulePass
+from graphpeft.passes.lora_config import LoraConfig
 from graphpeft.passes.lora_dora import combine, initial_magnitude, merged_rows, norm_scale
 from graphpeft.passes.lora_init import converted_config, converted_state, decompose, is_decomposing
+from graphpeft.passes.lora_sites import bias_attr, conv_args, fused_gate_up, has_attr, init_pair, wrapper_path
 
 aten = torch.ops.aten
 SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding", "conv")
-
-
-@dataclass
-class LoraConfig(TargetingConfig):
-    """PEFT's LoraConfig fields and defaults (the subset graphpeft implements)."""
-
-    peft_type = "LORA"
-    unsupported_fields = ("layer_replication", "loftq_config", "eva_config",
-                          "corda_config", "trainable_token_indices", "alora_invocation_tokens",
-                          "arrow_config", "kasa_config", "velora_config", "monteclora_config")
-
-    target_parameters: Optional[list[str]] = field(default=None, metadata={
-        "cli": "--target-parameters", "help": "parameters used directly by ops (e.g. MoE experts), PEFT's target_parameters"})
-    r: int = field(default=8, metadata={"cli": "--r", "help": "LoRA rank"})
-    lora_alpha: float = field(default=8, metadata={"cli": "--alpha", "help": "scaling numerator (alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"cli": "--dropout", "help": "dropout on the LoRA input"})
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = field(default=False, metadata={"cli": "--rslora", "help": "scale by alpha / sqrt(r)"})
-    init_lora_weights: Union[bool, str] = field(default=True, metadata={
-        "cli": "--init", "help": "true, false, gaussian, pissa, pissa_niter_K or olora"})
-    use_dora: bool = field(default=False, metadata={"cli": "--use-dora", "help": "DoRA: a trained magnitude per output feature"})
-    lora_bias: bool = field(default=False, metadata={"cli": "--lora-bias", "help": "a trained bias on lora_B"})
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("true", "false"):
-            self.init_lora_weights = self.init_lora_weights.lower() == "true"     # from the command line
-        init = self.init_lora_weights
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise GraphPeftError(f"r must be a positive integer, got {self.r!r}")
-        if any(not isinstance(v, int) or v <= 0 for v in (self.rank_pattern or {}).values()):
-            raise GraphPeftError(f"rank_pattern values must be positive integers, got {self.rank_pattern!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise GraphPeftError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise GraphPeftError(f"bias={self.bias!r} is not supported yet; use bias='none'")
-        if init not in (True, False, "gaussian") and not is_decomposing(init):
-            hint = " (LoftQ needs a quantized base model; use PEFT)" if init == "loftq" else ""
-            raise GraphPeftError(f"init_lora_weights={init!r} is not supported{hint}; use True, False, 'gaussian', "
-                                 f"'pissa', 'pissa_niter_K' or 'olora'")
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
-            raise GraphPeftError("use_rslora cannot be combined with rank_pattern or alpha_pattern (PEFT refuses it too)")
-        if self.lora_bias and self.use_dora:
-            raise GraphPeftError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses it too)")
-        if self.lora_bias and init not in (True, False):
-            raise GraphPeftError(f"lora_bias=True needs init_lora_weights True or False, got {init!r} (as in PEFT)")
-
-    def for_loading(self) -> "LoraConfig":
-        # PiSSA / OLoRA adapters are saved against the original weight: loading recomputes the residual, as PEFT does
-        return self if is_decomposing(self.init_lora_weights) else dataclasses.replace(self, init_lora_weights=False)
-
-    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
-        """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
-        return (_pattern_value(self.rank_pattern, module_path, self.r),
-                _pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
-
-    def scaling(self, module_path: str) -> float:
-        r, alpha = self.rank_and_alpha(module_path)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def _pattern_value(pattern: dict, key: str, default):
-    for name, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({name})$", key):
-            return value
-    return default
+__all__ = ["LoraConfig", "LoraPass", "LoraRule"]
 
 
 @register_rule
@@ -140,7 +78,7 @@ class LoraRule(Rule):
         if site.kind == "conv":
             if is_decomposing(cfg.init_lora_weights):
                 return f"init_lora_weights={cfg.init_lora_weights!r} is not supported on a convolution (PEFT refuses it too)"
-            args = _conv_args(site.node)
+            args = conv_args(site.node)
             if args["groups"] != 1 or any(d != 1 for d in args["dilation"]) or isinstance(args["padding"], str):
                 return "grouped, dilated or string-padded convolutions are not supported yet"
         return None
@@ -150,7 +88,7 @@ class LoraRule(Rule):
         key = site.weight_name if site.kind in PARAM_KINDS else site.module_path    # PEFT's key for patterns
         r, alpha = cfg.rank_and_alpha(key)
         scale = cfg.scaling(key)
-        fused = _fused_gate_up(cfg, site, key)
+        fused = fused_gate_up(cfg, site, key)
         if fused:           # PEFT's all-linear on a fused MoE gate+up parameter: the rank and alpha of both halves
             r, alpha = 2 * r, 2 * alpha
         rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=self.adapter_name)
@@ -163,7 +101,7 @@ class LoraRule(Rule):
             self._parameter_site(rw, site, r, scale, weight)
         else:
             self._linear(rw, site, r, scale, weight)
-        bias = _bias_attr(site)
+        bias = bias_attr(site)
         return rw.record(r=r, lora_alpha=alpha, scaling=scale, weight=site.weight_name,
                          layout="in_out" if site.kind in ("addmm", "mm") else "out_in",
                          dora=bool(cfg.use_dora), lora_bias=bool(cfg.lora_bias), bias=bias, fused_gate_up=fused)
@@ -210,14 +148,14 @@ class LoraRule(Rule):
         """A and B as PEFT starts them; PiSSA / OLoRA also leave the graph's weight the residual."""
         init = self.config.init_lora_weights
         if not is_decomposing(init):
-            return _init_pair(init, r, site.in_features, site.out_features, weight)
+            return init_pair(init, r, site.in_features, site.out_features, weight)
         a_attr = f"{site.module_path}.lora_A.{self.adapter_name}.weight"
-        if _has_attr(rw.gm, a_attr):      # a module called twice: decomposed at its first site
+        if has_attr(rw.gm, a_attr):      # a module called twice: decomposed at its first site
             return get_attr_path(rw.gm, a_attr).data, get_attr_path(rw.gm, a_attr.replace(".lora_A.", ".lora_B.")).data
         if not weight.dtype.is_floating_point:
             raise GraphPeftError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 weight at "
                                  f"{site.module_path}, got {weight.dtype}")
-        _init_pair(False, r, site.in_features, site.out_features, weight)   # PEFT's nn.Linear pair: same random stream
+        init_pair(False, r, site.in_features, site.out_features, weight)   # PEFT's nn.Linear pair: same random stream
         a, b = decompose(init, rows, r, scale)
         residual = rows.detach().float() - scale * (b @ a)
         if site.kind in ("addmm", "mm"):
@@ -281,12 +219,12 @@ class LoraRule(Rule):
     def _conv(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         """PEFT's lora.Conv: A is a conv with the base kernel, stride and padding; B a 1x1 conv."""
         kernel, conv = tuple(weight.shape[2:]), site.node.target
-        a_lin, b_lin = _init_pair(self.config.init_lora_weights, r, site.in_features * math.prod(kernel),
+        a_lin, b_lin = init_pair(self.config.init_lora_weights, r, site.in_features * math.prod(kernel),
                                   site.out_features, weight)
         a = a_lin.reshape(r, site.in_features, *kernel)
         b = b_lin.reshape(site.out_features, r, *([1] * len(kernel)))
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
-        args = _conv_args(site.node)
+        args = conv_args(site.node)
         x = self._dropout(rw, site.node.args[0])
         bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
         h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
@@ -315,8 +253,8 @@ class LoraRule(Rule):
         """W -> W + s * B A inside the op (PEFT's ParamWrapper); for W [E, out, in], A [r*E, in], B [out, r*E] and
         expert e's delta is B[:, k*E + e] A[e*r + k] summed over k (PEFT's einsum "o r e, e r i -> e o i")."""
         experts = weight.shape[0] if weight.dim() == 3 else 1
-        a, b = _init_pair(self.config.init_lora_weights, r * experts, site.in_features, site.out_features, weight, r)
-        a_attr, b_attr = self._add_pair(rw, _wrapper_path(rw.gm, site, self.config), a, b)
+        a, b = init_pair(self.config.init_lora_weights, r * experts, site.in_features, site.out_features, weight, r)
+        a_attr, b_attr = self._add_pair(rw, wrapper_path(rw.gm, site, self.config), a, b)
         rw.start_before(site.node)
         b_node, a_node = rw.get_param(b_attr), rw.get_param(a_attr)
         if experts == 1:
@@ -337,7 +275,7 @@ class LoraRule(Rule):
 
     @staticmethod
     def _base_bias(rw: Rewriter, site: Site) -> Optional[fx.Node]:
-        attr = _bias_attr(site)
+        attr = bias_attr(site)
         if attr is None:
             return None
         node = site.node
@@ -383,71 +321,6 @@ class LoraRule(Rule):
             base = get_attr_path(gm, info["bias"]).detach()
             out[info["bias"]] = (base + scale * lora_b).to(base.dtype)
         return out
-
-
-def _has_attr(root: nn.Module, path: str) -> bool:
-    try:
-        get_attr_path(root, path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _bias_attr(site: Site) -> Optional[str]:
-    """Attribute path of the base op's bias parameter, or None (no bias, or not a parameter)."""
-    node = site.node
-    if site.kind not in ("linear", "addmm", "conv"):
-        return None
-    if node.op == "call_module":
-        return f"{node.target}.bias" if getattr(node.graph.owning_module.get_submodule(str(node.target)), "bias",
-                                                 None) is not None else None
-    bias = node.args[0] if site.kind == "addmm" else (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
-    return str(bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
-
-
-def _conv_args(node: fx.Node) -> dict:
-    """stride, padding, dilation, groups of an aten.convNd call, with aten's defaults."""
-    dims = CONV_OPS[node.target]
-    names = ("stride", "padding", "dilation", "groups")
-    defaults = ([1] * dims, [0] * dims, [1] * dims, 1)
-    return {n: (node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(n, d))
-            for i, (n, d) in enumerate(zip(names, defaults))}
-
-
-def _fused_gate_up(cfg: LoraConfig, site: Site, key: str) -> bool:
-    """A fused gate+up MoE expert parameter reached through all-linear, with no pattern of its own."""
-    all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
-    patterned = any(re.match(rf"(.*\.)?({p})$", key) for p in {**cfg.rank_pattern, **cfg.alpha_pattern})
-    return all_linear and site.kind == "experts" and key.endswith("gate_up_proj") and not patterned
-
-
-def _wrapper_path(gm: fx.GraphModule, site: Site, cfg: LoraConfig) -> str:
-    """PEFT's key prefix of a parameter site: its module, inside one ``base_layer`` per parameter of the same module
-    targeted after it (PEFT nests one ParamWrapper per parameter, in the module's parameter order)."""
-    owner, _, leaf = site.weight_name.rpartition(".")
-    wanted = cfg.target_parameters or ()
-    all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
-    params = gm.get_submodule(owner)._parameters
-    names = [n for n, p in params.items() if (all_linear and p is not None and p.dim() == 3)
-             or any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith(f".{t}") for t in wanted)]
-    depth = len(names) - 1 - names.index(leaf) if leaf in names else 0
-    return owner + ".base_layer" * depth
-
-
-def _init_pair(init, r: int, fin: int, fout: int, weight: torch.Tensor,
-               rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r, in] and B [out, r] as PEFT initialises them (nn.Linear's init, then reset); ``rank`` for the
-    gaussian std when r counts several experts' ranks."""
-    a = nn.Linear(fin, r, bias=False).weight.data
-    b = nn.Linear(r, fout, bias=False).weight.data
-    if init is True:
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        nn.init.zeros_(b)
-    elif init == "gaussian":
-        nn.init.normal_(a, std=1 / (rank or r))
-        nn.init.zeros_(b)
-    dtype = weight.dtype if weight.is_floating_point() else torch.float32
-    return a.to(device=weight.device, dtype=dtype), b.to(device=weight.device, dtype=dtype)
 
 
 class LoraPass(RulePass):
