@@ -392,3 +392,52 @@ def test_expert_parameters_refuse_what_peft_refuses(mixtral, fields, match):
     model, _ = mixtral
     with pytest.raises(GraphPeftError, match=match):
         graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(target_parameters=["down_proj"], **fields))
+
+
+# -- the command line and PEFT's adapter_config.json --------------------------------------------------
+
+def test_variant_options_from_the_command_line():
+    from graphpeft import cli
+
+    args, method = cli.parse_args(["rewrite", "--use-dora", "--init", "pissa_niter_4", "--target-parameters",
+                                   "experts.gate_up_proj", "experts.down_proj"])
+    config = cli.build_config(method, args)
+    assert config.use_dora is True and config.init_lora_weights == "pissa_niter_4"
+    assert config.target_parameters == ["experts.gate_up_proj", "experts.down_proj"]
+    args, method = cli.parse_args(["rewrite", "--lora-bias", "--init", "false"])
+    config = cli.build_config(method, args)
+    assert config.lora_bias is True and config.init_lora_weights is False
+
+
+@pytest.mark.parametrize("flags,key", [(["--use-dora"], "lora_magnitude_vector"), (["--lora-bias"], "lora_B.bias"),
+                                       (["--init", "olora"], "lora_A.weight")])
+def test_rewrite_command_writes_variant_adapters_that_peft_loads(tiny_bert_dir, tmp_path, capsys, flags, key):
+    from transformers import AutoModelForSequenceClassification
+
+    from graphpeft import cli
+
+    out = tmp_path / "out"
+    code = cli.main(["rewrite", str(tiny_bert_dir), "-o", str(out), "--targets", "query", "value", "--r", "4", *flags])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert {"--use-dora": config["use_dora"], "--lora-bias": config["lora_bias"],
+            "--init": config["init_lora_weights"] == "olora"}[flags[0]] is True
+    assert any(k.endswith(key) for k in load_file(out / "adapter_model.safetensors"))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    ours = graphpeft.from_pretrained(copy.deepcopy(model), str(out))
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_a_peft_config_with_variants_reads_and_loftq_is_a_one_line_refusal(tiny_bert_dir, tmp_path, capsys):
+    from graphpeft import cli
+
+    peft.LoraConfig(r=4, target_modules=["query"], use_dora=True, init_lora_weights="pissa",
+                    task_type="SEQ_CLS").save_pretrained(str(tmp_path / "cfg"))
+    args, method = cli.parse_args(["rewrite", "--config", str(tmp_path / "cfg")])
+    config = cli.build_config(method, args)
+    assert config.use_dora is True and config.init_lora_weights == "pissa"
+    code = cli.main(["rewrite", str(tiny_bert_dir), "-o", str(tmp_path / "out"), "--init", "loftq"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "LoftQ needs a quantized base" in err
