@@ -47,7 +47,7 @@ from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule, RulePass
 from graphpeft.passes.lora_config import LoraConfig
-from graphpeft.passes.lora_dora import combine, initial_magnitude, merged_rows, norm_scale
+from graphpeft.passes.lora_dora import bias_correction, combine, initial_magnitude, merged_rows, norm_scale, scaled_b
 from graphpeft.passes.lora_init import converted_config, converted_state, decompose, is_decomposing
 from graphpeft.passes.lora_sites import bias_attr, conv_args, fused_gate_up, has_attr, init_pair, wrapper_path
 
@@ -168,25 +168,35 @@ class LoraRule(Rule):
         a, b = self._starting_pair(rw, site, r, scale, weight, weight.T if in_out else weight)
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
-        bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
-        h = rw.call(aten.linear.default, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
-        h = rw.call(aten.mul.Tensor, h, scale)
         if not self.config.use_dora:
-            out = rw.call(aten.add.Tensor, site.node, h)
+            bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
+            h = rw.call(aten.linear.default, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
+            out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
         else:
             w_now = get_attr_path(rw.gm, site.weight_name)
-            shape = (site.out_features,)
-            magnitude = self._magnitude(rw, site.module_path, initial_magnitude(
-                w_now.T if in_out else w_now, get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr), scale, shape))
             w = self._weight_node(rw, site)
-            rows = rw.call(aten.t.default, w) if in_out else w
-            mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
             dropped = None
             if self.config.lora_dropout:
                 dropped = rw.call(aten.mm.default, x, w) if in_out else rw.call(aten.linear.default, x, w)
-            out = combine(rw, site.node, h, mns, self._base_bias(rw, site), dropped)
+            out = self._dora(rw, site, h, a_attr, b_attr, scale, rw.call(aten.t.default, w) if in_out else w,
+                             w_now.T if in_out else w_now, (site.out_features,), aten.linear.default, dropped)
         rw.replace_uses(site.node, out)
+
+    def _dora(self, rw: Rewriter, site: Site, h: fx.Node, a_attr: str, b_attr: str, scale: float, rows: fx.Node,
+              rows_now: torch.Tensor, shape: tuple[int, ...], second: object, dropped: Optional[fx.Node]) -> fx.Node:
+        """DoRA's output from ``h`` = A's output: the magnitude, m / n, the branch through B' (passes/lora_dora.py)."""
+        a_now, b_now = get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr)
+        magnitude = self._magnitude(rw, site.module_path, initial_magnitude(rows_now, a_now, b_now, scale, shape))
+        flat, mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
+        b_scaled = scaled_b(rw, rw.get_param(b_attr), flat, scale, b_now.dim())
+        base_bias = self._base_bias(rw, site) if dropped is None else None
+        correction = None if base_bias is None else bias_correction(rw, base_bias, flat)
+        if second is aten.matmul.default:       # embedding: (A^T[ids]) B'^T
+            branch = rw.call(second, h, rw.call(aten.t.default, b_scaled))
+        else:
+            branch = rw.call(second, h, b_scaled, *([correction] if correction is not None else []))
+        return combine(rw, site.node, branch, mns, dropped)
 
     def _embedding(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         path, name = site.module_path, self.adapter_name
@@ -204,16 +214,13 @@ class LoraRule(Rule):
         extra = tuple(node.args[2:]) if node.target is aten.embedding.default else ()
         a_t = rw.call(aten.t.default, rw.get_param(a_attr))
         h = rw.call(aten.embedding.default, a_t, ids, *extra)
-        b_t = rw.call(aten.t.default, rw.get_param(b_attr))
-        h = rw.call(aten.matmul.default, h, b_t)
-        h = rw.call(aten.mul.Tensor, h, scale)
         if not self.config.use_dora:
+            b_t = rw.call(aten.t.default, rw.get_param(b_attr))
+            h = rw.call(aten.mul.Tensor, rw.call(aten.matmul.default, h, b_t), scale)
             out = rw.call(aten.add.Tensor, node, h)
         else:      # rows of the transposed table [dim, num]: one norm per embedding dimension
-            magnitude = self._magnitude(rw, path, initial_magnitude(
-                weight.T, get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr), scale, (dim,)))
             rows = rw.call(aten.t.default, self._weight_node(rw, site))
-            out = combine(rw, node, h, norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, (dim,)), None)
+            out = self._dora(rw, site, h, a_attr, b_attr, scale, rows, weight.T, (dim,), aten.matmul.default, None)
         rw.replace_uses(node, out)
 
     def _conv(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
@@ -226,27 +233,20 @@ class LoraRule(Rule):
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         args = conv_args(site.node)
         x = self._dropout(rw, site.node.args[0])
-        bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
         h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
-        h = rw.call(conv, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
-        h = rw.call(aten.mul.Tensor, h, scale)
         if not self.config.use_dora:
-            out = rw.call(aten.add.Tensor, site.node, h)
+            bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
+            h = rw.call(conv, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
+            out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
         else:
             shape = (1, site.out_features) + (1,) * len(kernel)      # PEFT's magnitude shape for convolutions
-            magnitude = self._magnitude(rw, site.module_path, initial_magnitude(
-                weight.reshape(site.out_features, -1), get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr),
-                scale, shape))
             w = self._weight_node(rw, site)
-            rows = rw.call(aten.reshape.default, w, [site.out_features, -1])
-            mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
-            base_bias = self._base_bias(rw, site)
-            if base_bias is not None:
-                base_bias = rw.call(aten.reshape.default, base_bias, list(shape))
             dropped = None
             if self.config.lora_dropout:
                 dropped = rw.call(conv, x, w, None, args["stride"], args["padding"], args["dilation"], args["groups"])
-            out = combine(rw, site.node, h, mns, base_bias, dropped)
+            rows = rw.call(aten.reshape.default, w, [site.out_features, -1])
+            out = self._dora(rw, site, h, a_attr, b_attr, scale, rows, weight.reshape(site.out_features, -1), shape,
+                             conv, dropped)
         rw.replace_uses(site.node, out)
 
     def _parameter_site(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:

@@ -13,10 +13,14 @@ trained magnitude (initialised to ``n``):
 
 Merged: ``W' = (m / n) * V`` row by row; the bias is unchanged.
 
+In the graph (p = 0) the factor is moved onto the small B: y = addcmul(A x ·B'^T + c, W x + b, m/n) with
+B' = s (m/n) B and c = b (1 - m/n), so the activation-sized work is that of plain LoRA (two thin
+linears and one fused multiply-add), where PEFT adds four activation-sized ops per module.
+
 before:                     after (p = 0, with bias b):
-    x ─ op(W, b) ─ y            x ─ op(W, b) ─ sub(b) ─ add ─ mul ─ add(b) ─ y
-                                └ A ─ B ─ mul(s) ────────┘     │
-                                A, B ─ detach ─ mm ─ add(W) ─ norm ─ detach ─ div(m) ┘
+    x ─ op(W, b) ─ y            x ─ op(W, b) ──────────────────────────── addcmul ─ y
+                                └ A ─ linear(B', c) ────────────────────────┘  │
+                                A, B ─ detach ─ addmm(W) ─ norm ─ detach ─ div(m) ┘ (m/n also makes B' and c)
 
 The norm is computed once per graph call from the adapter's current A and B, where PEFT also rebuilds
 ``B A`` through an identity-matrix forward (``lora_B(lora_A(eye))``) per module call.
@@ -45,8 +49,8 @@ def initial_magnitude(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scal
 
 
 def norm_scale(rw: Rewriter, rows: fx.Node, a_attr: str, b_attr: str, scale: float, magnitude_attr: str,
-               magnitude_shape: tuple[int, ...]) -> fx.Node:
-    """Graph nodes computing m / n (n detached), shaped as the magnitude."""
+               magnitude_shape: tuple[int, ...]) -> tuple[fx.Node, fx.Node]:
+    """Graph nodes computing m / n (n detached): (flat [out], shaped as the magnitude)."""
     a = rw.call(aten.detach.default, rw.get_param(a_attr))
     b = rw.call(aten.detach.default, rw.get_param(b_attr))
     out_rows = rw.gm.get_parameter(b_attr).shape[0]
@@ -54,32 +58,39 @@ def norm_scale(rw: Rewriter, rows: fx.Node, a_attr: str, b_attr: str, scale: flo
     if rw.gm.get_parameter(a_attr).dim() != 2:      # conv: A [r, in, *k], B [out, r, 1, ...]
         a = rw.call(aten.reshape.default, a, [r, -1])
         b = rw.call(aten.reshape.default, b, [out_rows, r])
-    delta = rw.call(aten.mm.default, b, a)
-    delta = rw.call(aten.mul.Tensor, delta, scale)
-    full = rw.call(aten.add.Tensor, rows, delta)
+    full = rw.call(aten.addmm.default, rows, b, a, beta=1, alpha=scale)       # W + s * B A, one op
     norm = rw.call(aten.linalg_vector_norm.default, full, 2, [1])
     norm = rw.call(aten.detach.default, norm)
-    if len(magnitude_shape) != 1:
-        norm = rw.call(aten.reshape.default, norm, list(magnitude_shape))
-    return rw.call(aten.div.Tensor, rw.get_param(magnitude_attr), norm)
+    flat = rw.call(aten.div.Tensor, rw.get_param(magnitude_attr) if len(magnitude_shape) == 1 else
+                   rw.call(aten.reshape.default, rw.get_param(magnitude_attr), [-1]), norm)
+    shaped = flat if len(magnitude_shape) == 1 else rw.call(aten.reshape.default, flat, list(magnitude_shape))
+    return flat, shaped
 
 
-def combine(rw: Rewriter, base: fx.Node, branch: fx.Node, mns: fx.Node, bias: Optional[fx.Node],
-            base_dropped: Optional[fx.Node] = None) -> fx.Node:
-    """The DoRA output from the base op's output, the scaled LoRA branch and m / n (see the module maths).
+def scaled_b(rw: Rewriter, b: fx.Node, flat: fx.Node, scale: float, b_dims: int) -> fx.Node:
+    """B' = s * (m / n) * B row by row: the branch comes out already multiplied by s * m / n, so the
+    activation-sized work stays that of plain LoRA (the multiply touches out * r numbers)."""
+    factor = rw.call(aten.mul.Tensor, flat, scale)
+    factor = rw.call(aten.reshape.default, factor, [-1] + [1] * (b_dims - 1))
+    return rw.call(aten.mul.Tensor, b, factor)
 
-    ``bias`` is the base op's bias, already shaped to broadcast (None: no bias, or an embedding);
-    ``base_dropped`` the base op without bias on the dropped-out input (lora dropout p > 0).
+
+def bias_correction(rw: Rewriter, bias: fx.Node, flat: fx.Node) -> fx.Node:
+    """c = b * (1 - m / n): with it as the branch's bias, (m / n) * (W x + b) + branch + c = (m / n) * W x + branch + b."""
+    return rw.call(aten.mul.Tensor, bias, rw.call(aten.rsub.Scalar, flat, 1))
+
+
+def combine(rw: Rewriter, base: fx.Node, branch: fx.Node, mns: fx.Node, base_dropped: Optional[fx.Node] = None) -> fx.Node:
+    """The DoRA output from the base op's output, the branch (already times s * m / n, see ``scaled_b``) and m / n.
+
+    p = 0: ``addcmul(branch, base, m / n)`` (one fused op; the branch carries the bias correction).
+    ``base_dropped`` (lora dropout p > 0, PEFT's form): base + (m / n - 1) * W d(x) + branch.
     """
-    if base_dropped is not None:
-        factor = rw.call(aten.sub.Tensor, mns, 1)
-        h = rw.call(aten.mul.Tensor, base_dropped, factor)
-        out = rw.call(aten.add.Tensor, base, h)
-        return rw.call(aten.add.Tensor, out, rw.call(aten.mul.Tensor, branch, mns))
-    h = base if bias is None else rw.call(aten.sub.Tensor, base, bias)
-    h = rw.call(aten.add.Tensor, h, branch)
-    h = rw.call(aten.mul.Tensor, h, mns)
-    return h if bias is None else rw.call(aten.add.Tensor, h, bias)
+    if base_dropped is None:
+        return rw.call(aten.addcmul.default, branch, base, mns)
+    factor = rw.call(aten.sub.Tensor, mns, 1)
+    out = rw.call(aten.add.Tensor, base, rw.call(aten.mul.Tensor, base_dropped, factor))
+    return rw.call(aten.add.Tensor, out, branch)
 
 
 def merged_rows(rows: torch.Tensor, delta: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
