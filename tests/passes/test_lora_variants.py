@@ -441,3 +441,31 @@ def test_a_peft_config_with_variants_reads_and_loftq_is_a_one_line_refusal(tiny_
     code = cli.main(["rewrite", str(tiny_bert_dir), "-o", str(tmp_path / "out"), "--init", "loftq"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "LoftQ needs a quantized base" in err
+
+
+# -- ONNX export and edge training of DoRA ---------------------------------------------------------------
+
+def test_dora_exports_to_onnx_for_inference_and_refuses_training_artifacts_in_one_line(tmp_path):
+    pytest.importorskip("onnxruntime.training.api", reason="needs the optional extra 'onnx': pip install 'graphpeft[onnx]'")
+    pytest.importorskip("onnxscript", reason="needs the optional extra 'onnx': pip install 'graphpeft[onnx]'")
+    import numpy as np
+    import onnxruntime as ort
+
+    from graphpeft.export import EdgeTrainer, export_onnx, export_training
+
+    torch.manual_seed(0)
+    model = graphpeft.rewrite(tiny_llama(), graphpeft.LoraConfig(r=4, use_dora=True,
+                                                                  target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    _perturb(model)
+    batch = inputs_for(model, batch=2, seq=6)
+    want = model.eval()(**batch).logits.detach().numpy()
+    for merged in (True, False):
+        (tmp_path / str(merged)).mkdir()
+        result = export_onnx(model, tmp_path / str(merged) / "model.onnx", merged=merged)
+        session = ort.InferenceSession(str(result.path))
+        got = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    # DoRA holds its weight norm constant (detached); ONNX Runtime's gradient builder would differentiate through
+    # it, so training artifacts are refused in one line rather than train a different gradient
+    with pytest.raises(GraphPeftError, match="ONNX Runtime training cannot hold a value constant.*lora_"):
+        export_training(model, tmp_path / "artifacts", optimizer="sgd")
