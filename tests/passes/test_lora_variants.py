@@ -105,6 +105,9 @@ def test_dora_matches_peft_both_ways_and_merges(arch, tmp_path):
     torch.testing.assert_close(merged(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
     pm_merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "g").merge_and_unload()
     torch.testing.assert_close(merged(**batch).logits, pm_merged(**batch).logits, atol=ATOL, rtol=0)
+    from graphpeft.optimize import merge_for_inference
+
+    torch.testing.assert_close(merge_for_inference(gm)(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
     assert gm.get_nb_trainable_parameters() == peft.get_peft_model(
         copy.deepcopy(model), peft.LoraConfig(**fields)).get_nb_trainable_parameters()
 
@@ -245,7 +248,7 @@ DECOMPOSE = {
 
 
 @pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("llama", "pissa_niter_4"), ("llama", "olora"),
-                                       ("gpt2", "pissa"), ("gpt2", "pissa_niter_2"), ("bert", "olora")])
+                                       ("gpt2", "pissa_niter_2"), ("bert", "olora")])
 def test_decomposing_init_equals_peft_and_starts_at_the_base_model(arch, init):
     model, fields, batch = _pair(DECOMPOSE, arch, dict(init_lora_weights=init))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -281,7 +284,7 @@ def test_olora_on_conv1d_follows_the_mathematics_where_peft_breaks():
     assert torch.allclose(a.tril(-1), torch.zeros_like(a)), "A is R's first rows: upper triangular"
 
 
-@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "olora")])
+@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("llama", "olora")])
 def test_decomposed_adapters_load_both_ways_against_the_original_weights(arch, init, tmp_path):
     """A saved PiSSA/OLoRA adapter keeps its init in adapter_config.json: loading it into the original model
     recomputes the residual (PEFT does the same), so the loaded model equals the trained one."""
@@ -290,7 +293,7 @@ def test_decomposed_adapters_load_both_ways_against_the_original_weights(arch, i
     assert json.loads((tmp_path / "g/adapter_config.json").read_text())["init_lora_weights"] == init
 
 
-@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "olora")])
+@pytest.mark.parametrize("arch,init", [("llama", "olora"), ("gpt2", "pissa")])
 def test_conversion_to_plain_lora_equals_peft(arch, init, tmp_path):
     """save_pretrained(path_initial_model_for_weight_conversion=...) writes a plain LoRA of rank 2r on the
     original weights: the same files as PEFT's conversion, and PEFT loads it with the trained model's outputs."""
@@ -459,12 +462,10 @@ def test_dora_exports_to_onnx_for_inference_and_refuses_training_artifacts_in_on
     _perturb(model)
     batch = inputs_for(model, batch=2, seq=6)
     want = model.eval()(**batch).logits.detach().numpy()
-    for merged in (True, False):
-        (tmp_path / str(merged)).mkdir()
-        result = export_onnx(model, tmp_path / str(merged) / "model.onnx", merged=merged)
-        session = ort.InferenceSession(str(result.path))
-        got = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    result = export_onnx(model, tmp_path / "model.onnx", merged=False)     # the DoRA nodes themselves
+    session = ort.InferenceSession(str(result.path))
+    got = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     # DoRA holds its weight norm constant (detached); ONNX Runtime's gradient builder would differentiate through
     # it, so training artifacts are refused in one line rather than train a different gradient
     with pytest.raises(GraphPeftError, match="ONNX Runtime training cannot hold a value constant.*lora_"):
