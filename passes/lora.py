@@ -87,10 +87,10 @@ class LoraRule(Rule):
         cfg = self.config
         key = site.weight_name if site.kind in PARAM_KINDS else site.module_path    # PEFT's key for patterns
         r, alpha = cfg.rank_and_alpha(key)
-        scale = cfg.scaling(key)
         fused = fused_gate_up(cfg, site, key)
         if fused:           # PEFT's all-linear on a fused MoE gate+up parameter: the rank and alpha of both halves
             r, alpha = 2 * r, 2 * alpha
+        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
         rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=self.adapter_name)
         weight = get_attr_path(gm, site.weight_name)
         if site.kind == "embedding":
@@ -123,11 +123,11 @@ class LoraRule(Rule):
         return (rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight"),
                 rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight"))
 
-    def _lora_bias(self, rw: Rewriter, path: str, out: int, like: torch.Tensor) -> Optional[fx.Node]:
+    def _lora_bias(self, rw: Rewriter, path: str, r: int, out: int, like: torch.Tensor) -> Optional[fx.Node]:
         """PEFT's lora_bias: lora_B has a bias (zero unless init_lora_weights=False, then nn.Linear's init)."""
         if not self.config.lora_bias:
             return None
-        bias = nn.Linear(self.config.r, out).bias.data
+        bias = nn.Linear(r, out).bias.data
         if self.config.init_lora_weights is not False:
             nn.init.zeros_(bias)
         bias = bias.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
@@ -170,7 +170,7 @@ class LoraRule(Rule):
         x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
         if not self.config.use_dora:
-            bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
+            bias = self._lora_bias(rw, site.module_path, r, site.out_features, weight)
             h = rw.call(aten.linear.default, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
             out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
         else:
@@ -235,7 +235,7 @@ class LoraRule(Rule):
         x = self._dropout(rw, site.node.args[0])
         h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
         if not self.config.use_dora:
-            bias = self._lora_bias(rw, site.module_path, site.out_features, weight)
+            bias = self._lora_bias(rw, site.module_path, r, site.out_features, weight)
             h = rw.call(conv, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
             out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
         else:
