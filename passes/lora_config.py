@@ -56,8 +56,6 @@ class LoraConfig(TargetingConfig):
             hint = " (LoftQ needs a quantized base model; use PEFT)" if init == "loftq" else ""
             raise GraphPeftError(f"init_lora_weights={init!r} is not supported{hint}; use True, False, 'gaussian', "
                                  f"'pissa', 'pissa_niter_K' or 'olora'")
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
-            raise GraphPeftError("use_rslora cannot be combined with rank_pattern or alpha_pattern (PEFT refuses it too)")
         if self.lora_bias and self.use_dora:
             raise GraphPeftError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses it too)")
         if self.lora_bias and init not in (True, False):

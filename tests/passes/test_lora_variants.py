@@ -30,7 +30,8 @@ DORA = {
 BIAS = {
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
-    "bert": (tiny_bert_cls, dict(task_type="SEQ_CLS", target_modules=["query", "value"])),
+    "bert": (tiny_bert_cls, dict(task_type="SEQ_CLS", target_modules=["query", "value"], use_rslora=True,
+                                 rank_pattern={"value": 4}, alpha_pattern={"query": 16})),   # PEFT takes both
 }
 
 
