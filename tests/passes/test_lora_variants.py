@@ -389,6 +389,15 @@ def test_expert_parameters_training_steps_follow_peft(mixtral, tmp_path):
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
 
 
+def test_an_eager_experts_loop_is_a_capture_error_that_names_the_fix():
+    from graphpeft.errors import CaptureError
+    from tests.models import tiny_mixtral
+
+    with pytest.raises(CaptureError, match="experts_implementation='batched_mm'"):
+        graphpeft.rewrite(tiny_mixtral(experts_implementation="eager"),
+                          graphpeft.LoraConfig(target_parameters=["down_proj"]))
+
+
 @pytest.mark.parametrize("fields,match", [(dict(use_dora=True), "use_dora is not supported on a bare parameter"),
                                           (dict(lora_dropout=0.1), "lora_dropout is not supported on a bare parameter"),
                                           (dict(init_lora_weights="pissa"), "init_lora_weights is not supported on a bare")])
