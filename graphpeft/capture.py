@@ -122,9 +122,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as exc:  # torch raises many types; the reason is what matters to the user
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = "pass example inputs that the model accepts (example_inputs=dict of keyword arguments)"
+            if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager":
+                # transformers' eager MoE loops over the experts a batch hits: a data-dependent loop
+                hint = ("load the model with experts_implementation='batched_mm' (its eager mixture-of-experts "
+                        "loop is data-dependent), or " + hint)
             raise CaptureError(
                 f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: {reason[:300]} "
-                f"-- pass example inputs that the model accepts (example_inputs=dict of keyword arguments)"
+                f"-- {hint}"
             ) from None
     gm = ep.module()
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph and the same

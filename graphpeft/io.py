@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from graphpeft.errors import AdapterFormatError, GraphPeftError
+from graphpeft.match import PARAM_KINDS
 from graphpeft.outputs import atomic_write_many
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,8 +50,8 @@ def resolved_config(model: Any, adapter_name: str) -> dict[str, Any]:
     data = cfg.to_dict()
     mine = [r for r in model.records if r.rule != "modules_to_save" and r.adapter == adapter_name]
     if hasattr(cfg, "target_modules"):
-        module_sites = sorted({r.module_path for r in mine if r.kind not in ("einsum", "matmul")})
-        param_sites = sorted({r.info.get("weight") for r in mine if r.kind in ("einsum", "matmul")})
+        module_sites = sorted({r.module_path for r in mine if r.kind not in PARAM_KINDS})
+        param_sites = sorted({r.info.get("weight") for r in mine if r.kind in PARAM_KINDS})
         data["target_modules"] = module_sites or None
         data["target_parameters"] = param_sites or None
         if module_sites and all(r.kind in ("addmm", "mm") for r in mine if r.module_path in module_sites):
@@ -66,7 +67,10 @@ def resolved_config(model: Any, adapter_name: str) -> dict[str, Any]:
     return data
 
 
-def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "default",
+                 initial: Optional[str | os.PathLike] = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors; with ``initial`` (a folder holding the adapter as
+    it was right after rewriting), the method's ``convert_for_initial_model`` hook rewrites both first."""
     out = Path(directory)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,8 @@ def save_adapter(model: Any, directory: str | os.PathLike, adapter_name: str = "
         raise GraphPeftError(f"output folder {out} is not writable; choose a writable path")
     state = adapter_state(model, adapter_name)
     config = resolved_config(model, adapter_name)
+    if initial is not None:
+        state, config = _converted_for_initial(model, adapter_name, state, config, initial)
     # both files are written in full before either is renamed into place (see atomic_write_many)
     atomic_write_many({out / WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt"}),
                        out / CONFIG_NAME: lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)
@@ -100,6 +106,18 @@ def write_resume_index(directory: str | os.PathLike, adapter_name: str, state_ke
              "weight_map": {key: weights for key in sorted(state_keys)}}
     atomic_write_many({folder / RESUME_INDEX_NAME: lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n")})
     return folder / RESUME_INDEX_NAME
+
+
+def _converted_for_initial(model: Any, adapter_name: str, state: dict, config: dict, initial: Any) -> tuple[dict, dict]:
+    from graphpeft import registry
+
+    method = registry.method_for_config(model.peft_config[adapter_name])
+    hook = getattr(method.pass_cls, "convert_for_initial_model", None)
+    if hook is None:
+        raise GraphPeftError(f"{method.name} adapters have no conversion against an initial model; "
+                             f"save without path_initial_model_for_weight_conversion")
+    _, tensors = read_adapter(initial)
+    return hook(state, {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}, config)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

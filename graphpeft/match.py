@@ -8,6 +8,8 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     matmul     aten.matmul / torch.matmul with a parameter operand          custom layers
     einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
+    experts    any op reading a 3-D parameter W[experts,out,in]             MoE experts (transformers 5 Mixtral's
+                                                                             gate_up_proj, indexed per token)
     conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d
 
 and, in graphs traced with torch.fx's default leaf modules, ``call_module`` nodes of nn.Linear
@@ -15,7 +17,7 @@ and, in graphs traced with torch.fx's default leaf modules, ``call_module`` node
 
 Module paths come from ``node.meta["nn_module_stack"]`` (last entry). ``target_modules`` follows
 PEFT: a list entry matches a path exactly or as its suffix ``.name``; a string is a full regex match;
-"all-linear" takes every linear-kind site except the output head. Entries may also name the
+"all-linear" takes every linear-kind site except the output head, and 3-D expert parameters. Entries may also name the
 weight parameter itself (``"mix.weight"``), which is how a bare parameter used in ``einsum`` is
 targeted; ``target_parameters`` names parameters only (PEFT's field).
 """
@@ -34,7 +36,7 @@ aten = torch.ops.aten
 STAMP = "graphpeft"          # node.meta key set on every node a rule inserts
 ALL_LINEAR = "all-linear"
 LINEAR_KINDS = ("linear", "addmm", "mm")
-PARAM_KINDS = ("matmul", "einsum")
+PARAM_KINDS = ("matmul", "einsum", "experts")
 
 _LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
@@ -127,6 +129,9 @@ def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str,
         for w in a[:2]:
             if (p := _param(gm, w)) is not None and p.dim() == 2:
                 return "matmul", w, p.shape[1], p.shape[0]
+    for w in a:
+        if (p := _param(gm, w)) is not None and p.dim() == 3:
+            return "experts", w, p.shape[2], p.shape[1]
     if t in _EINSUM:
         operands = a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:]
         params = [w for w in operands if _param(gm, w) is not None]
@@ -225,7 +230,9 @@ def select_sites(gm: fx.GraphModule, cfg: object, kinds: Iterable[str], default_
     targets = getattr(cfg, "target_modules", None)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = set(output_heads(gm))
-        keep = [s for s in sites if s.kind in LINEAR_KINDS and s.module_path not in heads]
+        # as PEFT: the linear layers but the output head, and MoE expert parameters (PEFT maps them in with
+        # target_parameters for transformers 5 MoE models)
+        keep = [s for s in sites if (s.kind in LINEAR_KINDS and s.module_path not in heads) or s.kind == "experts"]
         return [s for s in keep if _excluded_ok(cfg, s)]
     if targets is None and not getattr(cfg, "target_parameters", None):
         wanted = set(default_paths)

@@ -509,8 +509,12 @@ class GraphPeftModel(CapturedModel):
 
     # -- saving and merging ------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        path_initial_model_for_weight_conversion: Optional[str] = None,
                         state_dict: Optional[dict] = None, is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
         """Save each adapter (default: all) as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``.
+
+        ``path_initial_model_for_weight_conversion``: as PEFT, save a PiSSA/OLoRA adapter converted to plain
+        LoRA against the initial adapter saved in that folder right after rewriting.
 
         Only adapter weights are ever written. Called as transformers' Trainer calls it (with
         ``is_main_process``), it writes nothing on other processes, and on the main one also writes
@@ -526,7 +530,8 @@ class GraphPeftModel(CapturedModel):
         for name in names:
             self._check_adapter(name)
         for name in names:
-            save_adapter(self, save_directory if name == "default" else f"{save_directory}/{name}", name)
+            save_adapter(self, save_directory if name == "default" else f"{save_directory}/{name}", name,
+                         initial=path_initial_model_for_weight_conversion)
         if is_main_process is not None and self.active_adapter in names:
             write_resume_index(save_directory, self.active_adapter, self._adapter_state_keys(self.active_adapter))
 

@@ -107,6 +107,17 @@ class Rewriter:
             self.saved_keys[attr] = saved_key
         return attr
 
+    def replace_parameter(self, attr: str, tensor: torch.Tensor) -> None:
+        """The graph module's parameter at ``attr`` becomes a new one holding ``tensor`` (same requires_grad).
+
+        Every graph node reading ``attr`` sees the new value; the captured model's own parameter object
+        is not changed (the owning module is copied first, see ``own_module``).
+        """
+        owner_path, _, leaf = attr.rpartition(".")
+        old = get_attr_path(self.gm, attr)
+        owner = own_module(self.gm, owner_path)
+        owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
     # -- nodes ---------------------------------------------------------------------------------
     def _stamp(self, node: fx.Node) -> fx.Node:
         node.meta[STAMP] = {"rule": self.rule_name, "adapter": self.adapter, "anchor": self.anchor.name}
@@ -196,3 +207,19 @@ class Rewriter:
             inserted=tuple(n.name for n in self.inserted), params=dict(self.params),
             saved_keys=dict(self.saved_keys), info=dict(info),
         )
+
+
+def own_module(root: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` in ``root``, first replaced by a shallow copy of its own (parameter dict copied).
+
+    A graph module may share submodules with the model it was captured from (symbolic tracing keeps
+    call_module targets); giving a parameter a new value on the copy leaves the original model as it was.
+    """
+    module = ensure_module(root, path)
+    if not path:
+        return module
+    own = copy.copy(module)
+    own._parameters, own._buffers, own._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
+    parent_path, _, name = path.rpartition(".")
+    setattr(ensure_module(root, parent_path), name, own)
+    return own

@@ -11,6 +11,12 @@ Sites and their forms:
     conv (W [out, in, *k]; A [r, in, *k], B [out, r, 1..])        y + s * conv_1x1(conv(dropout(x), A), B)
     embedding (W [num, dim]; A [r, num], B [dim, r])              y + s * (A^T[ids]) B^T
     einsum / matmul on a bare parameter (PEFT target_parameters)  W -> W + s * B A inside the op
+    experts: any op on a 3-D W [E, out, in] (MoE, target_parameters)  W -> W + s * per-expert B_e A_e
+                                                                    (A [r*E, in], B [out, r*E], PEFT's layout)
+
+Variants (PEFT's fields): ``lora_bias`` (B has a bias, scaled with the branch), ``use_dora`` (DoRA, see
+passes/lora_dora.py), ``init_lora_weights`` "pissa" / "pissa_niter_K" / "olora" (A and B from the base
+weight, which keeps the residual, see passes/lora_init.py).
 
 before:                       after (linear):
     x ─ linear(W, b) ─ y          x ─ linear(W, b) ───────────────────┬─ add ─ y
@@ -26,79 +32,28 @@ Parameters live at PEFT's in-memory names (``<path>.lora_A.<adapter>.weight``,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.config import TargetingConfig
 from graphpeft.errors import GraphPeftError
-from graphpeft.match import CONV_OPS, LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
+from graphpeft.match import LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule, RulePass
+from graphpeft.passes.lora_config import LoraConfig
+from graphpeft.passes.lora_dora import bias_correction, combine, initial_magnitude, merged_rows, norm_scale, scaled_b
+from graphpeft.passes.lora_init import converted_config, converted_state, decompose, is_decomposing
+from graphpeft.passes.lora_sites import bias_attr, conv_args, fused_gate_up, has_attr, init_pair, wrapper_path
 
 aten = torch.ops.aten
 SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding", "conv")
-
-
-@dataclass
-class LoraConfig(TargetingConfig):
-    """PEFT's LoraConfig fields and defaults (the subset graphpeft implements)."""
-
-    peft_type = "LORA"
-    unsupported_fields = ("use_dora", "lora_bias", "layer_replication", "loftq_config", "eva_config",
-                          "corda_config", "trainable_token_indices", "alora_invocation_tokens",
-                          "arrow_config", "kasa_config", "velora_config", "monteclora_config")
-
-    r: int = field(default=8, metadata={"cli": "--r", "help": "LoRA rank"})
-    lora_alpha: float = field(default=8, metadata={"cli": "--alpha", "help": "scaling numerator (alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"cli": "--dropout", "help": "dropout on the LoRA input"})
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = field(default=False, metadata={"cli": "--rslora", "help": "scale by alpha / sqrt(r)"})
-    init_lora_weights: Union[bool, str] = True
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise GraphPeftError(f"r must be a positive integer, got {self.r!r}")
-        if any(not isinstance(v, int) or v <= 0 for v in (self.rank_pattern or {}).values()):
-            raise GraphPeftError(f"rank_pattern values must be positive integers, got {self.rank_pattern!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise GraphPeftError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise GraphPeftError(f"bias={self.bias!r} is not supported yet; use bias='none'")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise GraphPeftError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
-            raise GraphPeftError("use_rslora cannot be combined with rank_pattern or alpha_pattern (PEFT refuses it too)")
-
-    def for_loading(self) -> "LoraConfig":
-        return dataclasses.replace(self, init_lora_weights=False)
-
-    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
-        """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
-        return (_pattern_value(self.rank_pattern, module_path, self.r),
-                _pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
-
-    def scaling(self, module_path: str) -> float:
-        r, alpha = self.rank_and_alpha(module_path)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def _pattern_value(pattern: dict, key: str, default):
-    for name, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({name})$", key):
-            return value
-    return default
+__all__ = ["LoraConfig", "LoraPass", "LoraRule"]
 
 
 @register_rule
@@ -112,19 +67,31 @@ class LoraRule(Rule):
         return select_sites(gm, cfg, SITE_KINDS, default_paths=default)
 
     def check(self, site: Site) -> Optional[str]:
-        if site.kind in PARAM_KINDS and self.config.lora_dropout:
-            return "lora_dropout must be 0 on a bare parameter site (PEFT's target_parameters refuses it too)"
+        cfg = self.config
+        if site.kind in PARAM_KINDS:
+            for name, value in (("lora_dropout", cfg.lora_dropout), ("use_dora", cfg.use_dora), ("lora_bias", cfg.lora_bias),
+                                ("init_lora_weights", is_decomposing(cfg.init_lora_weights))):
+                if value:
+                    return f"{name} is not supported on a bare parameter site (PEFT's target_parameters refuses it too)"
+        if site.kind == "embedding" and cfg.lora_bias:
+            return "lora_bias is not supported on an embedding (PEFT refuses it too)"
         if site.kind == "conv":
-            args = _conv_args(site.node)
+            if is_decomposing(cfg.init_lora_weights):
+                return f"init_lora_weights={cfg.init_lora_weights!r} is not supported on a convolution (PEFT refuses it too)"
+            args = conv_args(site.node)
             if args["groups"] != 1 or any(d != 1 for d in args["dilation"]) or isinstance(args["padding"], str):
                 return "grouped, dilated or string-padded convolutions are not supported yet"
         return None
 
     def rewrite(self, gm: fx.GraphModule, site: Site) -> Rewrite:
-        cfg, name = self.config, self.adapter_name
-        r, alpha = cfg.rank_and_alpha(site.module_path)
-        scale = cfg.scaling(site.module_path)
-        rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=name)
+        cfg = self.config
+        key = site.weight_name if site.kind in PARAM_KINDS else site.module_path    # PEFT's key for patterns
+        r, alpha = cfg.rank_and_alpha(key)
+        fused = fused_gate_up(cfg, site, key)
+        if fused:           # PEFT's all-linear on a fused MoE gate+up parameter: the rank and alpha of both halves
+            r, alpha = 2 * r, 2 * alpha
+        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        rw = Rewriter(gm, self.name, site.node, site.module_path, site.kind, adapter=self.adapter_name)
         weight = get_attr_path(gm, site.weight_name)
         if site.kind == "embedding":
             self._embedding(rw, site, r, scale, weight)
@@ -134,8 +101,20 @@ class LoraRule(Rule):
             self._parameter_site(rw, site, r, scale, weight)
         else:
             self._linear(rw, site, r, scale, weight)
+        bias = bias_attr(site)
         return rw.record(r=r, lora_alpha=alpha, scaling=scale, weight=site.weight_name,
-                         layout="in_out" if site.kind in ("addmm", "mm") else "out_in")
+                         layout="in_out" if site.kind in ("addmm", "mm") else "out_in",
+                         dora=bool(cfg.use_dora), lora_bias=bool(cfg.lora_bias), bias=bias, fused_gate_up=fused)
+
+    @classmethod
+    def saved_config(cls, data: dict, records: list[Rewrite]) -> dict:
+        """PEFT writes the doubled rank and alpha of a fused gate+up expert parameter as patterns."""
+        fused = [rec for rec in records if rec.info.get("fused_gate_up")]
+        if fused:
+            name = re.escape(str(fused[0].info["weight"]).rpartition(".")[2])
+            data = dict(data, rank_pattern={**(data.get("rank_pattern") or {}), rf".*\.{name}": fused[0].info["r"]},
+                        alpha_pattern={**(data.get("alpha_pattern") or {}), rf".*\.{name}": fused[0].info["lora_alpha"]})
+        return data
 
     # -- the four forms ---------------------------------------------------------------------------
     def _add_pair(self, rw: Rewriter, path: str, a: torch.Tensor, b: torch.Tensor) -> tuple[str, str]:
@@ -144,25 +123,86 @@ class LoraRule(Rule):
         return (rw.add_parameter(f"{path}.lora_A.{name}.weight", a, f"base_model.model.{path}.lora_A.weight"),
                 rw.add_parameter(f"{path}.lora_B.{name}.weight", b, f"base_model.model.{path}.lora_B.weight"))
 
+    def _lora_bias(self, rw: Rewriter, path: str, r: int, out: int, like: torch.Tensor) -> Optional[fx.Node]:
+        """PEFT's lora_bias: lora_B has a bias (zero unless init_lora_weights=False, then nn.Linear's init)."""
+        if not self.config.lora_bias:
+            return None
+        bias = nn.Linear(r, out).bias.data
+        if self.config.init_lora_weights is not False:
+            nn.init.zeros_(bias)
+        bias = bias.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+        return rw.get_param(rw.add_parameter(f"{path}.lora_B.{self.adapter_name}.bias", bias,
+                                             f"base_model.model.{path}.lora_B.bias"))
+
+    def _magnitude(self, rw: Rewriter, path: str, value: torch.Tensor) -> str:
+        """DoRA's magnitude at PEFT's name (``lora_magnitude_vector.<adapter>.weight``)."""
+        return rw.add_parameter(f"{path}.lora_magnitude_vector.{self.adapter_name}.weight", value,
+                                f"base_model.model.{path}.lora_magnitude_vector")
+
     def _dropout(self, rw: Rewriter, x: fx.Node) -> fx.Node:
         p = float(self.config.lora_dropout)
         return rw.call(aten.dropout.default, x, p, rw.gm.training) if p else x
 
+    def _starting_pair(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor,
+                       rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as PEFT starts them; PiSSA / OLoRA also leave the graph's weight the residual."""
+        init = self.config.init_lora_weights
+        if not is_decomposing(init):
+            return init_pair(init, r, site.in_features, site.out_features, weight)
+        a_attr = f"{site.module_path}.lora_A.{self.adapter_name}.weight"
+        if has_attr(rw.gm, a_attr):      # a module called twice: decomposed at its first site
+            return get_attr_path(rw.gm, a_attr).data, get_attr_path(rw.gm, a_attr.replace(".lora_A.", ".lora_B.")).data
+        if not weight.dtype.is_floating_point:
+            raise GraphPeftError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 weight at "
+                                 f"{site.module_path}, got {weight.dtype}")
+        init_pair(False, r, site.in_features, site.out_features, weight)   # PEFT's nn.Linear pair: same random stream
+        a, b = decompose(init, rows, r, scale)
+        residual = rows.detach().float() - scale * (b @ a)
+        if site.kind in ("addmm", "mm"):
+            residual = residual.T
+        rw.replace_parameter(site.weight_name, residual.to(weight.dtype).contiguous())
+        return a.to(weight.dtype), b.to(weight.dtype)
+
     def _linear(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
-        a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
+        in_out = site.kind in ("addmm", "mm")
+        a, b = self._starting_pair(rw, site, r, scale, weight, weight.T if in_out else weight)
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
-        h = rw.call(aten.linear.default, h, rw.get_param(b_attr))
-        h = rw.call(aten.mul.Tensor, h, scale)
-        out = rw.call(aten.add.Tensor, site.node, h)
+        if not self.config.use_dora:
+            bias = self._lora_bias(rw, site.module_path, r, site.out_features, weight)
+            h = rw.call(aten.linear.default, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
+            out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
+        else:
+            w_now = get_attr_path(rw.gm, site.weight_name)
+            w = self._weight_node(rw, site)
+            dropped = None
+            if self.config.lora_dropout:
+                dropped = rw.call(aten.mm.default, x, w) if in_out else rw.call(aten.linear.default, x, w)
+            out = self._dora(rw, site, h, a_attr, b_attr, scale, rw.call(aten.t.default, w) if in_out else w,
+                             w_now.T if in_out else w_now, (site.out_features,), aten.linear.default, dropped)
         rw.replace_uses(site.node, out)
+
+    def _dora(self, rw: Rewriter, site: Site, h: fx.Node, a_attr: str, b_attr: str, scale: float, rows: fx.Node,
+              rows_now: torch.Tensor, shape: tuple[int, ...], second: object, dropped: Optional[fx.Node]) -> fx.Node:
+        """DoRA's output from ``h`` = A's output: the magnitude, m / n, the branch through B' (passes/lora_dora.py)."""
+        a_now, b_now = get_attr_path(rw.gm, a_attr), get_attr_path(rw.gm, b_attr)
+        magnitude = self._magnitude(rw, site.module_path, initial_magnitude(rows_now, a_now, b_now, scale, shape))
+        flat, mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
+        b_scaled = scaled_b(rw, rw.get_param(b_attr), flat, scale, b_now.dim())
+        base_bias = self._base_bias(rw, site) if dropped is None else None
+        correction = None if base_bias is None else bias_correction(rw, base_bias, flat)
+        if second is aten.matmul.default:       # embedding: (A^T[ids]) B'^T
+            branch = rw.call(second, h, rw.call(aten.t.default, b_scaled))
+        else:
+            branch = rw.call(second, h, b_scaled, *([correction] if correction is not None else []))
+        return combine(rw, site.node, branch, mns, dropped)
 
     def _embedding(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         path, name = site.module_path, self.adapter_name
         num, dim = site.in_features, site.out_features
         a, b = torch.randn(r, num), torch.randn(dim, r)          # PEFT: randn, then init A=0, B=normal
-        if self.config.init_lora_weights is not False:
+        if self.config.init_lora_weights is not False:            # (PiSSA / OLoRA too: PEFT's embedding ignores them)
             nn.init.zeros_(a)
             nn.init.normal_(b)
         a, b = a.to(device=weight.device, dtype=weight.dtype), b.to(device=weight.device, dtype=weight.dtype)
@@ -174,82 +214,124 @@ class LoraRule(Rule):
         extra = tuple(node.args[2:]) if node.target is aten.embedding.default else ()
         a_t = rw.call(aten.t.default, rw.get_param(a_attr))
         h = rw.call(aten.embedding.default, a_t, ids, *extra)
-        b_t = rw.call(aten.t.default, rw.get_param(b_attr))
-        h = rw.call(aten.matmul.default, h, b_t)
-        h = rw.call(aten.mul.Tensor, h, scale)
-        out = rw.call(aten.add.Tensor, node, h)
+        if not self.config.use_dora:
+            b_t = rw.call(aten.t.default, rw.get_param(b_attr))
+            h = rw.call(aten.mul.Tensor, rw.call(aten.matmul.default, h, b_t), scale)
+            out = rw.call(aten.add.Tensor, node, h)
+        else:      # rows of the transposed table [dim, num]: one norm per embedding dimension
+            rows = rw.call(aten.t.default, self._weight_node(rw, site))
+            out = self._dora(rw, site, h, a_attr, b_attr, scale, rows, weight.T, (dim,), aten.matmul.default, None)
         rw.replace_uses(node, out)
 
     def _conv(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
         """PEFT's lora.Conv: A is a conv with the base kernel, stride and padding; B a 1x1 conv."""
         kernel, conv = tuple(weight.shape[2:]), site.node.target
-        a_lin, b_lin = _init_pair(self.config.init_lora_weights, r, site.in_features * math.prod(kernel),
+        a_lin, b_lin = init_pair(self.config.init_lora_weights, r, site.in_features * math.prod(kernel),
                                   site.out_features, weight)
         a = a_lin.reshape(r, site.in_features, *kernel)
         b = b_lin.reshape(site.out_features, r, *([1] * len(kernel)))
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
-        args = _conv_args(site.node)
+        args = conv_args(site.node)
         x = self._dropout(rw, site.node.args[0])
         h = rw.call(conv, x, rw.get_param(a_attr), None, args["stride"], args["padding"])
-        h = rw.call(conv, h, rw.get_param(b_attr))
-        h = rw.call(aten.mul.Tensor, h, scale)
-        out = rw.call(aten.add.Tensor, site.node, h)
+        if not self.config.use_dora:
+            bias = self._lora_bias(rw, site.module_path, r, site.out_features, weight)
+            h = rw.call(conv, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
+            out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
+        else:
+            shape = (1, site.out_features) + (1,) * len(kernel)      # PEFT's magnitude shape for convolutions
+            w = self._weight_node(rw, site)
+            dropped = None
+            if self.config.lora_dropout:
+                dropped = rw.call(conv, x, w, None, args["stride"], args["padding"], args["dilation"], args["groups"])
+            rows = rw.call(aten.reshape.default, w, [site.out_features, -1])
+            out = self._dora(rw, site, h, a_attr, b_attr, scale, rows, weight.reshape(site.out_features, -1), shape,
+                             conv, dropped)
         rw.replace_uses(site.node, out)
 
     def _parameter_site(self, rw: Rewriter, site: Site, r: int, scale: float, weight: torch.Tensor) -> None:
-        a, b = _init_pair(self.config.init_lora_weights, r, site.in_features, site.out_features, weight)
-        a_attr, b_attr = self._add_pair(rw, site.param_owner, a, b)
+        """W -> W + s * B A inside the op (PEFT's ParamWrapper); for W [E, out, in], A [r*E, in], B [out, r*E] and
+        expert e's delta is B[:, k*E + e] A[e*r + k] summed over k (PEFT's einsum "o r e, e r i -> e o i")."""
+        experts = weight.shape[0] if weight.dim() == 3 else 1
+        a, b = init_pair(self.config.init_lora_weights, r * experts, site.in_features, site.out_features, weight, r)
+        a_attr, b_attr = self._add_pair(rw, wrapper_path(rw.gm, site, self.config), a, b)
         rw.start_before(site.node)
-        delta = rw.call(aten.mm.default, rw.get_param(b_attr), rw.get_param(a_attr))
+        b_node, a_node = rw.get_param(b_attr), rw.get_param(a_attr)
+        if experts == 1:
+            delta = rw.call(aten.mm.default, b_node, a_node)
+        else:
+            b_node = rw.call(aten.reshape.default, b_node, [site.out_features, r, experts])
+            a_node = rw.call(aten.reshape.default, a_node, [experts, r, site.in_features])
+            delta = rw.call(aten.einsum.default, "ore,eri->eoi", [b_node, a_node])
         delta = rw.call(aten.mul.Tensor, delta, scale)
         patched = rw.call(aten.add.Tensor, site.weight, delta)
         rw.replace_input(site.node, site.weight, patched)
+
+    # -- the base op's operands -------------------------------------------------------------------
+    @staticmethod
+    def _weight_node(rw: Rewriter, site: Site) -> fx.Node:
+        """The base weight as a graph value: the anchor's own operand (a call_module site has none: read it)."""
+        return site.weight if site.weight is not None else rw.get_param(site.weight_name)
+
+    @staticmethod
+    def _base_bias(rw: Rewriter, site: Site) -> Optional[fx.Node]:
+        attr = bias_attr(site)
+        if attr is None:
+            return None
+        node = site.node
+        if node.op == "call_module":
+            return rw.get_param(attr)
+        return node.args[0] if site.kind == "addmm" else node.args[2]
 
     # -- merging ------------------------------------------------------------------------------------
     @classmethod
     def merged_weights(cls, gm: fx.GraphModule, record: Rewrite) -> dict[str, torch.Tensor]:
         info = record.info
         weight = get_attr_path(gm, info["weight"]).detach()
+        scale = float(info["scaling"])
+
+        def param(part: str) -> torch.Tensor:
+            key = next(k for k in record.params if f".{part}." in f"{k}." and not k.endswith(".bias"))
+            return get_attr_path(gm, key).detach()
+
+        if weight.dim() == 3 and record.kind in PARAM_KINDS:      # MoE experts [E, out, in]
+            a, b = param("lora_A"), param("lora_B")
+            e, out, fin = weight.shape
+            delta = torch.einsum("ore,eri->eoi", b.reshape(out, -1, e), a.reshape(e, -1, fin))
+            return {info["weight"]: (weight + scale * delta).to(weight.dtype)}
         if record.kind == "embedding":
-            a = next(get_attr_path(gm, k) for k in record.params if ".lora_embedding_A." in k)
-            b = next(get_attr_path(gm, k) for k in record.params if ".lora_embedding_B." in k)
-            delta = (b @ a).T
+            a, b = param("lora_embedding_A"), param("lora_embedding_B")
+            rows, delta = weight.T, b @ a                                   # [dim, num]
         else:
-            a = next(get_attr_path(gm, k) for k in record.params if ".lora_A." in k)
-            b = next(get_attr_path(gm, k) for k in record.params if ".lora_B." in k)
-            delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)   # conv: B is 1x1, so this is exact
-            if info["layout"] == "in_out":
-                delta = (b @ a).T
-        return {info["weight"]: (weight + float(info["scaling"]) * delta.detach()).to(weight.dtype)}
-
-
-def _conv_args(node: fx.Node) -> dict:
-    """stride, padding, dilation, groups of an aten.convNd call, with aten's defaults."""
-    dims = CONV_OPS[node.target]
-    names = ("stride", "padding", "dilation", "groups")
-    defaults = ([1] * dims, [0] * dims, [1] * dims, 1)
-    return {n: (node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(n, d))
-            for i, (n, d) in enumerate(zip(names, defaults))}
-
-
-def _init_pair(init, r: int, fin: int, fout: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r, in] and B [out, r] as PEFT initialises them (nn.Linear's init, then reset)."""
-    a = nn.Linear(fin, r, bias=False).weight.data
-    b = nn.Linear(r, fout, bias=False).weight.data
-    if init is True:
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        nn.init.zeros_(b)
-    elif init == "gaussian":
-        nn.init.normal_(a, std=1 / r)
-        nn.init.zeros_(b)
-    dtype = weight.dtype if weight.is_floating_point() else torch.float32
-    return a.to(device=weight.device, dtype=dtype), b.to(device=weight.device, dtype=dtype)
+            a, b = param("lora_A"), param("lora_B")
+            r = a.shape[0]
+            delta = b.reshape(b.shape[0], r) @ a.reshape(r, -1)            # conv: B is 1x1, so this is exact
+            rows = weight.T if info["layout"] == "in_out" else weight.reshape(weight.shape[0], -1)
+        if info.get("dora"):
+            new_rows = merged_rows(rows, delta, scale, param("lora_magnitude_vector"))
+        else:
+            new_rows = rows + scale * delta
+        merged = new_rows.T if (record.kind == "embedding" or info["layout"] == "in_out") else new_rows.reshape(weight.shape)
+        out = {info["weight"]: merged.to(weight.dtype)}
+        if info.get("lora_bias"):
+            if info.get("bias") is None:
+                raise GraphPeftError(f"cannot merge lora_bias at {record.module_path}: its base layer has no bias "
+                                     f"(PEFT refuses it too); keep the adapter model as it is")
+            lora_b = next(get_attr_path(gm, k) for k in record.params if k.endswith(".bias")).detach()
+            base = get_attr_path(gm, info["bias"]).detach()
+            out[info["bias"]] = (base + scale * lora_b).to(base.dtype)
+        return out
 
 
 class LoraPass(RulePass):
     """torch.fx pass: ``LoraPass(LoraConfig(...))(graph_module) -> PassResult``."""
 
     rule_cls = LoraRule
+
+    @staticmethod
+    def convert_for_initial_model(state: dict, initial: dict, config: dict) -> tuple[dict, dict]:
+        """PEFT's path_initial_model_for_weight_conversion: a PiSSA / OLoRA adapter as plain LoRA of rank 2r."""
+        return converted_state(state, initial), converted_config(config)
 
 
 register_method("lora", LoraConfig, LoraPass, "low-rank adapters on weight ops (PEFT LoRA)")

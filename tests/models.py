@@ -68,6 +68,20 @@ def tiny_qwen2(seed: int = 0, **config: Any) -> nn.Module:
     return _build(Qwen2Config, Qwen2ForCausalLM, seed, {**_decoder_defaults(), "num_key_value_heads": 2}, config)
 
 
+def tiny_mixtral(seed: int = 0, **config: Any) -> nn.Module:
+    """MixtralForCausalLM, 4 experts (top 2) stored as 3-D parameters (``mlp.experts.gate_up_proj`` [4, 2*24, 32],
+    ``mlp.experts.down_proj`` [4, 32, 24]) and run by transformers' batched_mm experts implementation, which
+    torch.export captures (the default eager loop over the experts hit is data-dependent)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    defaults = {**_decoder_defaults(), "intermediate_size": 24, "num_key_value_heads": 2, "num_local_experts": 4,
+                "num_experts_per_tok": 2}
+    impl = config.pop("experts_implementation", "batched_mm")
+    cfg = MixtralConfig(**{**defaults, **config})
+    cfg._experts_implementation = impl
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(cfg).eval()
+
+
 def tiny_gpt2(seed: int = 0, **config: Any) -> nn.Module:
     """GPT2LMHeadModel: Conv1D projections (addmm, weight [in, out]), lm_head tied to transformer.wte."""
     from transformers import GPT2Config, GPT2LMHeadModel

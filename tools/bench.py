@@ -13,8 +13,8 @@ neighbour slows all of them alike):
     pass time at several depths, to show it is linear in the number of layers);
 (b) one training step (forward, backward, AdamW) of: the frozen-base floor (forward + backward to the
     activations, no weight gradient: inputs_embeds that require grad), full fine-tuning, PEFT LoRA and
-    graphpeft LoRA on q,v and on all-linear with the same config, and graphpeft all-linear with
-    optimize=False -- eager, and under torch.compile (compile time reported apart: the warm-up steps'
+    graphpeft LoRA on q,v and on all-linear with the same config, PEFT DoRA and graphpeft DoRA (use_dora) on
+    all-linear, and graphpeft all-linear with optimize=False -- eager, and under torch.compile (compile time reported apart: the warm-up steps'
     time beyond steady steps; graphpeft is compiled first, so an in-process cache can only favour PEFT);
 (c) the ONNX Runtime training step of the graphpeft q,v graph (graphpeft.export), when importable;
 (d) peak memory of each configuration: torch's own allocation events (torch.profiler, profile_memory)
@@ -175,10 +175,17 @@ def build_configs(w: Workload, r: int, alpha: int) -> dict[str, torch.nn.Module]
         torch.manual_seed(0)
         models[f"graphpeft lora {label}"] = graphpeft.rewrite(
             w.model, graphpeft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets)).train()
+    torch.manual_seed(0)          # DoRA (use_dora) on all-linear: PEFT rebuilds B A and the weight norm per module call
+    models["peft dora all-linear"] = peft.get_peft_model(copy.deepcopy(w.model), peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules="all-linear", use_dora=True)).train()
+    torch.manual_seed(0)
+    models["graphpeft dora all-linear"] = graphpeft.rewrite(w.model, graphpeft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules="all-linear", use_dora=True)).train()
     torch.manual_seed(0)
     models["graphpeft all-linear optimize=False"] = graphpeft.rewrite(
         w.model, graphpeft.LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"), optimize=False).train()
-    for a, b in (("peft lora q,v", "graphpeft lora q,v"), ("peft lora all-linear", "graphpeft lora all-linear")):
+    for a, b in (("peft lora q,v", "graphpeft lora q,v"), ("peft lora all-linear", "graphpeft lora all-linear"),
+                 ("peft dora all-linear", "graphpeft dora all-linear")):
         na, nb = sum(p.numel() for p in _trainable(models[a])), sum(p.numel() for p in _trainable(models[b]))
         if na != nb:
             print(f"  note: {a} trains {na:,} parameters, {b} {nb:,}")
@@ -632,7 +639,7 @@ def print_workload(name: str, res: dict[str, Any]) -> None:
     print(f"\n(b, d) train step (median){'':<11} eager ms  /floor   /peft  compiled ms  /floor   /peft  compile s  "
           f"peak MiB   /peft  compiled peak MiB")
     for n in eager:
-        peer = n.replace("graphpeft", "peft") if n.startswith("graphpeft lora") else None
+        peer = n.replace("graphpeft", "peft") if n.startswith(("graphpeft lora", "graphpeft dora")) else None
         print(f"    {n:<35} {1000 * eager[n]:>8.1f} {_fmt(_ratio(eager[n], floor)):>7} "
               f"{_fmt(_ratio(eager[n], eager.get(peer))) if peer else '':>7} "
               f"{_fmt(1000 * comp[n] if n in comp else None, '.1f'):>12} {_fmt(_ratio(comp.get(n), cfloor)):>7} "
@@ -678,6 +685,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, Optional[float], float, 
             ("eager LoRA(all-linear) / PEFT eager", _ratio(e["graphpeft lora all-linear"], e["peft lora all-linear"]), 0.85),
             ("eager LoRA(q,v) / eager floor", _ratio(e["graphpeft lora q,v"], e["floor"]), 1.02),
         ]
+        if "graphpeft dora all-linear" in e:
+            rows.append(("eager DoRA(all-linear) / PEFT DoRA eager",
+                         _ratio(e["graphpeft dora all-linear"], e["peft dora all-linear"]), 0.8))
+            rows.append(("compiled DoRA(all-linear) / compiled PEFT DoRA",
+                         _ratio(c.get("graphpeft dora all-linear"), c.get("peft dora all-linear")), 0.8))
         for label in ("q,v", "all-linear"):
             rows.append((f"compiled LoRA({label}) / compiled PEFT",
                          _ratio(c.get(f"graphpeft lora {label}"), c.get(f"peft lora {label}")), 0.95))
@@ -708,7 +720,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, Optional[float], float, 
 
 
 def print_targets(rows: list) -> None:
-    print("\n### targets (issue 6, item 4; reported, not asserted)")
+    print("\n### targets (issue 6, item 4; issue 15: DoRA; reported, not asserted)")
     for name, value, limit, met in rows:
         verdict = "n/a " if met is None else ("met " if met else "MISS")
         print(f"  {verdict} {name:<58} {_fmt(value):>9}  (<= {limit:g})")

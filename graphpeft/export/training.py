@@ -137,6 +137,27 @@ def _gradient_error(exc: Exception, nodes: dict[str, Any]) -> Exception:
                            f"op on that path, or train in PyTorch (graphpeft train)")
 
 
+def _stopped_gradient(gm: Any, trainable: set[str]) -> Optional[str]:
+    """The first trainable parameter a ``detach`` node in the graph reads through (a held-constant value), or None.
+
+    The ONNX exporter writes detach as Identity, so ONNX Runtime's gradient builder would differentiate through it.
+    """
+    detach = (torch.ops.aten.detach.default, torch.Tensor.detach)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in detach:
+            continue
+        seen, frontier = set(), list(node.all_input_nodes)
+        while frontier:
+            current = frontier.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current.op == "get_attr" and str(current.target) in trainable:
+                return str(current.target)
+            frontier.extend(current.all_input_nodes)
+    return None
+
+
 def export_training(model: Any, folder: str | os.PathLike, optimizer: str = "adamw",
                     nominal_checkpoint: bool = False, max_grad_norm: float = 1.0,
                     example_inputs: Optional[dict[str, torch.Tensor]] = None,
@@ -167,6 +188,11 @@ def export_training(model: Any, folder: str | os.PathLike, optimizer: str = "ada
     trainable = adapter_parameters(model)
     if not trainable:
         raise GraphPeftError("the model has no trainable adapter parameters; load the adapter with is_trainable=True")
+    stopped = _stopped_gradient(model.graph_module, set(trainable))
+    if stopped is not None:
+        raise GraphPeftError(f"ONNX Runtime training cannot hold a value constant: the graph detaches a value computed "
+                             f"from trainable {stopped} (the method stops its gradient), which ORT would differentiate; "
+                             f"train this adapter in PyTorch (inference export works)")
     inputs = dict(example_inputs) if example_inputs is not None else make_inputs(model, labels=task)
     outputs = ("loss", "logits") if task == "seq-cls" else ("loss",)
     with train_mode(model, True):

@@ -68,7 +68,7 @@ def test_save_over_an_existing_adapter_keeps_other_files(saved, tmp_path):
     (lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:100]), "safetensors"),
     (lambda f: (f / "adapter_config.json").write_text("{not json"), "JSON"),
     (lambda f: _edit_config(f, peft_type="NOPE"), "peft_type"),
-    (lambda f: _edit_config(f, use_dora=True), "use_dora=True"),
+    (lambda f: _edit_config(f, loftq_config={"loftq_bits": 4}), "loftq_config="),
     (lambda f: _edit_config(f, r=0), "positive integer"),
     (lambda f: (f / "adapter_model.safetensors").rename(f / "adapter_model.bin"), "pickle"),
     (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json"),
