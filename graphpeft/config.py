@@ -62,7 +62,10 @@ def _describe(hint: Any) -> Optional[str]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         parts = [_describe(a) for a in args]
-        return None if None in parts else " or ".join(dict.fromkeys(parts))
+        if None in parts:
+            return None
+        # typing caches equal unions, so the order of args depends on which spelling came first: sort
+        return " or ".join(sorted(dict.fromkeys(parts), key=lambda p: (p == "None", p)))
     words = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string",
              dict: "a dict"}
     if hint in words:

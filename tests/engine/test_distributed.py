@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow       # two processes per launch; make test-all runs them
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "ddp_train.py"
 BIN = Path(sys.executable).parent

@@ -106,7 +106,11 @@ def _greedy(model, ids, mask, **kwargs):
                           eos_token_id=None, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# the default run keeps every method on llama and LoRA, prefix tuning on gpt2/qwen2; the other gpt2 cases are slow
+QUICK = {"gpt2-lora", "gpt2-prefix", "qwen2-prefix-projection"} | {n for n in CASES if n.startswith("llama")}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in sorted(CASES)])
 def case(request, tmp_path_factory):
     builder, config = CASES[request.param]
     model = builder()

@@ -60,7 +60,10 @@ def _greedy_by_full_forwards(model, ids, mask, start, steps, **extra):
     return decoder, logits
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+QUICK = {"t5-lora", "bart-prefix"}       # the default run: a weight method on T5, a token method on BART; the rest slow
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in sorted(CASES)])
 def case(request, tmp_path_factory):
     builder, config = CASES[request.param]
     model = builder()
