@@ -18,7 +18,6 @@ in the graph at all (they contribute nothing and cost nothing):
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 from typing import Any, Iterator, Optional
 
@@ -30,7 +29,7 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
-from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path
+from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path, own_module
 
 _IGNORED_ARGS = ("return_dict", "use_cache", "cache_position", "logits_to_keep")
 # loss options transformers' Trainer passes to models whose forward takes **kwargs; causal-LM losses use them
@@ -624,22 +623,6 @@ def _adopt_attributes(gm: fx.GraphModule, fresh: fx.GraphModule, params: set[str
             setattr(owner, leaf, value)
 
 
-def _own_module(gm: fx.GraphModule, path: str) -> nn.Module:
-    """The module at ``path`` in ``gm``, first replaced by a shallow copy of its own.
-
-    A GraphModule built over another one shares its call_module submodules (an nn.Linear of a
-    symbolically traced model); setting a merged weight on a shared module would change the original.
-    """
-    module = ensure_module(gm, path)
-    if not path:
-        return module
-    own = copy.copy(module)
-    own._parameters, own._buffers, own._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
-    parent_path, _, name = path.rpartition(".")
-    setattr(ensure_module(gm, parent_path), name, own)
-    return own
-
-
 def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Optional[fx.Node]) -> None:
     """Give ``anchor`` (or every reader when None) the weight ``value`` in place of ``attr``."""
     readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr]
@@ -647,7 +630,7 @@ def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Opti
     param = nn.Parameter(value.clone(), requires_grad=False)
     owner_path, _, leaf = attr.rpartition(".")
     if anchor is None or users <= {anchor}:
-        setattr(_own_module(gm, owner_path), leaf, param)
+        setattr(own_module(gm, owner_path), leaf, param)
         return
     # the weight is shared (tied embeddings): only this site reads the merged copy
     new_attr = f"{owner_path}.{leaf}_merged_{anchor.name}" if owner_path else f"{leaf}_merged_{anchor.name}"
