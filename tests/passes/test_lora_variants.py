@@ -87,11 +87,15 @@ def _train(models: dict, batch: dict, labels, steps: int = 3) -> dict:
     return losses
 
 
-def _trained_params(pm, gm) -> tuple[dict, dict]:
+def _assert_same_trained_params(pm, gm) -> list[str]:
+    """PEFT's and graphpeft's trainable parameters: the same names and values (1e-5); returns the names."""
     theirs = {k.replace("base_model.model.", "").replace(".default", ""): p
               for k, p in pm.named_parameters() if p.requires_grad}
     ours = {k.replace("graph_module.", "").replace(".default", ""): p for k, p in gm.named_parameters() if p.requires_grad}
-    return ours, theirs
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+    return sorted(ours)
 
 
 # -- DoRA ----------------------------------------------------------------------------------------
@@ -135,10 +139,8 @@ def test_dora_training_steps_follow_peft(arch, dropout, tmp_path):
     losses = _train({"peft": pm, "graphpeft": gm}, batch, labels)
     assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
     assert losses["peft"][-1] < losses["peft"][0]
-    ours, theirs = _trained_params(pm, gm)
-    assert sorted(ours) == sorted(theirs) and any("magnitude" in k for k in ours)
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+    names = _assert_same_trained_params(pm, gm)
+    assert any("magnitude" in k for k in names)
 
 
 def test_dora_norm_is_detached_as_in_the_paper():
@@ -214,10 +216,8 @@ def test_lora_bias_training_steps_follow_peft(arch, tmp_path):
     labels = torch.tensor([0, 1, 1]) if arch == "bert" else batch["input_ids"]
     losses = _train({"peft": pm, "graphpeft": gm}, batch, labels)
     assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
-    ours, theirs = _trained_params(pm, gm)
-    assert sorted(ours) == sorted(theirs) and any(k.endswith("lora_B.bias") for k in ours)
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+    names = _assert_same_trained_params(pm, gm)
+    assert any(k.endswith("lora_B.bias") for k in names)
 
 
 # -- refusals (PEFT's, as one line) ---------------------------------------------------------------------
@@ -333,10 +333,7 @@ def test_pissa_training_steps_follow_peft(tmp_path):
     gm = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**fields))
     losses = _train({"peft": pm, "graphpeft": gm}, batch, batch["input_ids"])
     assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
-    ours, theirs = _trained_params(pm, gm)
-    assert sorted(ours) == sorted(theirs)
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+    _assert_same_trained_params(pm, gm)
 
 
 # -- target_parameters on MoE experts (3-D parameters) ------------------------------------------------
@@ -383,10 +380,7 @@ def test_expert_parameters_training_steps_follow_peft(mixtral, tmp_path):
     gm = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path, is_trainable=True)
     losses = _train({"peft": pm, "graphpeft": gm}, batch, batch["input_ids"])
     assert losses["graphpeft"] == pytest.approx(losses["peft"], abs=1e-5)
-    ours, theirs = _trained_params(pm, gm)
-    assert sorted(ours) == sorted(theirs)
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=0, msg=k)
+    _assert_same_trained_params(pm, gm)
 
 
 def test_an_eager_experts_loop_is_a_capture_error_that_names_the_fix():
