@@ -193,11 +193,13 @@ def _forward_seq2seq(peft_model: Any, values: dict, extras: dict) -> Any:
     graphs = _graphs(peft_model)
     hidden = encoded[0] if not hasattr(encoded, "last_hidden_state") else encoded.last_hidden_state
     batch = ids.shape[0]
-    if mask is None:
-        mask = torch.ones(batch, hidden.shape[1], dtype=torch.long, device=ids.device)
-    if mask.shape[1] < hidden.shape[1]:      # virtual tokens the encoder graph put in front of the input
-        mask = torch.cat([mask.new_ones(batch, hidden.shape[1] - mask.shape[1]), mask], dim=1)
-    inputs = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask, decoder_input_ids=ids)
+    inputs = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), decoder_input_ids=ids)
+    if _main_input(peft_model.__dict__["_source_model"]) == "input_ids":   # Whisper's decoder reads every frame
+        if mask is None:
+            mask = torch.ones(batch, hidden.shape[1], dtype=torch.long, device=ids.device)
+        if mask.shape[1] < hidden.shape[1]:      # virtual tokens the encoder graph put in front of the input
+            mask = torch.cat([mask.new_ones(batch, hidden.shape[1] - mask.shape[1]), mask], dim=1)
+        inputs["attention_mask"] = mask
     past = cache.get_seq_length() if cache is not None else 0
     if past == 0:
         out = _run_graph(graphs.prefill, cache, **inputs, use_cache=True, **_for_graph(graphs.prefill, extras, batch))
@@ -226,13 +228,25 @@ class _GraphEncoder(nn.Module):
         for name in _REFUSED:
             if kwargs.pop(name, None):
                 raise GraphPeftError(f"{name} is not part of graphpeft's generation graphs; generate without it")
-        if input_ids is None or kwargs.get("inputs_embeds") is not None:
-            raise GraphPeftError("generate() on encoder-decoders takes input_ids with graphpeft (not inputs_embeds)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        encoder = _graphs(self.__dict__["_graphpeft_model"]).encoder
-        extras = _for_graph(encoder, self.__dict__["_graphpeft_extras"], input_ids.shape[0])
-        return BaseModelOutput(last_hidden_state=encoder(input_ids=input_ids, attention_mask=attention_mask, **extras))
+        peft_model = self.__dict__["_graphpeft_model"]
+        main = _main_input(peft_model.__dict__["_source_model"])
+        if main == "input_ids":
+            if input_ids is None or kwargs.get("inputs_embeds") is not None:
+                raise GraphPeftError("generate() on encoder-decoders takes input_ids with graphpeft (not inputs_embeds)")
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask if attention_mask is not None
+                          else torch.ones_like(input_ids))
+        else:
+            if kwargs.get(main) is None:
+                raise GraphPeftError(f"generate() on this model takes {main} with graphpeft")
+            inputs = {main: kwargs[main]}
+        encoder = _graphs(peft_model).encoder
+        extras = _for_graph(encoder, self.__dict__["_graphpeft_extras"], next(iter(inputs.values())).shape[0])
+        return BaseModelOutput(last_hidden_state=encoder(**inputs, **extras))
+
+
+def _main_input(source: nn.Module) -> str:
+    """What the encoder reads: token ids (T5, BART) or features (Whisper's log-mel ``input_features``)."""
+    return getattr(source, "main_input_name", "input_ids")
 
 
 def _for_graph(gm: fx.GraphModule, extras: dict, batch: int) -> dict:
@@ -348,17 +362,23 @@ def _build_seq2seq(source: nn.Module, ids: torch.Tensor, new: torch.Tensor, exam
     and step graphs, which read the encoder's output and cache the cross-attention keys and values once."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    if getattr(source, "main_input_name", "input_ids") != "input_ids":
-        raise GraphPeftError(f"generate() on {type(source).__name__} (input {source.main_input_name!r}) is not "
-                             f"supported yet; text encoder-decoders (T5, BART) are")
-    mask = torch.ones_like(ids)
-    encoder = rewritten(_export(source, _on(dict(input_ids=ids, attention_mask=mask), example), {}, "Encoder",
-                                forward=_encoder_forward), may_skip=True)
-    hidden = run(encoder, input_ids=ids, attention_mask=mask).to(example)
+    from graphpeft.capture import synthesize_inputs
+
+    main = _main_input(source)
+    if main == "input_ids":
+        given, forward = dict(input_ids=ids, attention_mask=torch.ones_like(ids)), _encoder_forward
+    elif main == "input_features":
+        given, forward = {main: synthesize_inputs(source, batch=_EXAMPLE_BATCH)[main]}, _features_encoder_forward
+    else:
+        raise GraphPeftError(f"generate() on {type(source).__name__} (input {main!r}) is not supported; text "
+                             f"(T5, BART) and speech (Whisper) encoder-decoders are")
+    encoder = rewritten(_export(source, _on(given, example), {}, "Encoder", forward=forward), may_skip=True)
+    hidden = run(encoder, **given).to(example)
     start = getattr(source.config, "decoder_start_token_id", None) or 0
     decoder = torch.cat([torch.full((_EXAMPLE_BATCH, 1), start, dtype=torch.long), new[:, :1]], dim=1)
-    context = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                   attention_mask=torch.ones(_EXAMPLE_BATCH, hidden.shape[1], dtype=torch.long).to(example))
+    context: dict[str, Any] = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden))
+    if main == "input_ids":      # Whisper's decoder reads every encoder position (it takes no encoder mask)
+        context["attention_mask"] = torch.ones(_EXAMPLE_BATCH, hidden.shape[1], dtype=torch.long).to(example)
     prefill = rewritten(_export(source, {**context, "decoder_input_ids": _on({"d": decoder}, example)["d"]},
                                 {"use_cache": True}, "Prefill"), may_skip=True)
     cache = _cache_on(run(prefill, **context, decoder_input_ids=decoder, use_cache=True)["cache"], example)
@@ -372,6 +392,11 @@ def _encoder_forward(self: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
 
+def _features_encoder_forward(self: nn.Module, input_features: torch.Tensor) -> torch.Tensor:
+    """The same for a speech encoder: log-mel features of the model's fixed frame count."""
+    return self.get_encoder()(input_features=input_features, return_dict=True).last_hidden_state
+
+
 def _export(source: nn.Module, tensors: dict, constants: dict, kind: str, forward: Any = None) -> fx.GraphModule:
     """torch.export of ``source`` (its ``forward``, or ``forward`` bound to it: module paths stay the model's)."""
     auto = torch.export.Dim.AUTO
@@ -380,9 +405,12 @@ def _export(source: nn.Module, tensors: dict, constants: dict, kind: str, forwar
     for name in ("input_ids", "attention_mask", "position_ids"):
         if name in tensors:
             shapes[name] = {0: auto, 1: length if kind in ("Prefill", "Encoder") else auto}
+    if "input_features" in tensors:        # the frame count is the model's own (its positions are fixed)
+        shapes["input_features"] = {0: auto}
     if "encoder_outputs" in tensors:
         shapes["encoder_outputs"] = [{0: auto, 1: length}]
-        shapes["attention_mask"] = {0: auto, 1: length}
+        if "attention_mask" in tensors:
+            shapes["attention_mask"] = {0: auto, 1: length}
     if "decoder_input_ids" in tensors:      # the step takes one token (the prefill: the start and any given)
         shapes["decoder_input_ids"] = {0: auto} if kind == "Step" else {0: auto, 1: auto}
     if "cache" in tensors:
@@ -504,15 +532,16 @@ def _leaf_paths(spec: Any, path: tuple) -> list[tuple]:
 
     if spec.is_leaf():
         return [path]
+    children = list(spec.children())
     if spec.type is DynamicCache:
         names: Any = ("keys", "values")
     elif spec.type is EncoderDecoderCache:
         names = ("self", "cross")
-    elif isinstance(spec.context, (list, tuple)) and len(spec.context) == len(spec.children_specs):
+    elif isinstance(spec.context, (list, tuple)) and len(spec.context) == len(children):
         names = spec.context              # a ModelOutput's (or dict's) keys
     else:
-        names = range(len(spec.children_specs))
-    return [leaf for name, child in zip(names, spec.children_specs) for leaf in _leaf_paths(child, (*path, name))]
+        names = range(len(children))
+    return [leaf for name, child in zip(names, children) for leaf in _leaf_paths(child, (*path, name))]
 
 
 def _run_graph(gm: fx.GraphModule, into: Any, **inputs: Any) -> Any:

@@ -1,10 +1,11 @@
-"""GraphPeftModel.generate on encoder-decoders (T5, BART): an encoder graph, decoder prefill and step graphs.
+"""GraphPeftModel.generate on encoder-decoders (T5, BART, Whisper): an encoder graph, decoder prefill and step graphs.
 
 The oracle is the one of test_generation.py: greedy decoding by full forward passes (no cache) of the
 same adapter loaded in PEFT, here with the decoder sequence growing from the decoder start token.
 BART's generation config forces bos/eos tokens; they are switched off on both sides (DESIGN.md).
 PEFT 0.21.2 cannot run multitask prompt tuning on a seq2seq model (its forward fails), so there the
-oracle is graphpeft's own training graph, the model that was trained.
+oracle is graphpeft's own training graph, the model that was trained. Whisper's encoder reads log-mel
+features (no mask); its decoder starts from the decoder start token as T5's and BART's do.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import graphpeft
-from tests.models import tiny_bart, tiny_t5
+from tests.models import MEL_BINS, MEL_FRAMES, tiny_bart, tiny_t5, tiny_whisper
 
 ATOL = 1e-4
 NEW = 5
@@ -34,6 +35,10 @@ CASES = {
                                                                             num_transformer_submodules=1, **SEQ2SEQ)),
     "t5-prefix": (tiny_t5, lambda: graphpeft.PrefixTuningConfig(**SEQ2SEQ)),
     "bart-prefix": (tiny_bart, lambda: graphpeft.PrefixTuningConfig(prefix_projection=True, **SEQ2SEQ)),
+    "whisper-lora": (tiny_whisper, lambda: graphpeft.LoraConfig(target_modules=QV + ["fc1"])),
+    "whisper-ia3": (tiny_whisper, lambda: graphpeft.IA3Config(task_type="SEQ_2_SEQ_LM")),
+    "whisper-adalora": (tiny_whisper, lambda: graphpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                      target_modules=QV)),
 }
 OFF = dict(forced_bos_token_id=None, forced_eos_token_id=None)
 
@@ -42,25 +47,28 @@ def _extra(name):
     return {"task_ids": torch.tensor([0, 1, 2])} if "multitask" in name else {}
 
 
-def _prompts():
+def _prompts(name):
+    """What the encoder reads: a padded batch of token ids, or (Whisper) log-mel features without a mask."""
     gen = torch.Generator().manual_seed(7)
+    if name.startswith("whisper"):
+        return {"input_features": torch.randn(3, MEL_BINS, MEL_FRAMES, generator=gen)}
     ids = torch.randint(3, 100, (3, 7), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
 
 
 @torch.no_grad()
-def _greedy_by_full_forwards(model, ids, mask, start, steps, **extra):
-    decoder, logits = torch.full((ids.shape[0], 1), start), []
+def _greedy_by_full_forwards(model, prompts, start, steps, **extra):
+    decoder, logits = torch.full((next(iter(prompts.values())).shape[0], 1), start), []
     for _ in range(steps):
-        last = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, **extra).logits[:, -1]
+        last = model(**prompts, decoder_input_ids=decoder, **extra).logits[:, -1]
         logits.append(last)
         decoder = torch.cat([decoder, last.argmax(-1, keepdim=True)], dim=1)
     return decoder, logits
 
 
-QUICK = {"t5-lora", "bart-prefix"}       # the default run: a weight method on T5, a token method on BART; the rest slow
+QUICK = {"t5-lora", "bart-prefix", "whisper-ia3"}   # the default run: one case per model; the rest slow
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in sorted(CASES)])
@@ -81,14 +89,16 @@ def case(request, tmp_path_factory):
 
 def test_greedy_tokens_and_logits_equal_full_forwards(case):
     name, model, ours, theirs = case
-    ids, mask = _prompts()
+    prompts = _prompts(name)
     extra = _extra(name)
     oracle = ours if "multitask" in name else theirs
-    want_ids, want_logits = _greedy_by_full_forwards(oracle, ids, mask, model.config.decoder_start_token_id, NEW,
+    if name.startswith("whisper"):   # PeftModelForSeq2SeqLM.forward passes input_ids=None too, which Whisper refuses
+        oracle = theirs.get_base_model()        # the Whisper model with PEFT's adapter layers in it
+    want_ids, want_logits = _greedy_by_full_forwards(oracle, prompts, model.config.decoder_start_token_id, NEW,
                                                      **extra)
-    _, base = _greedy_by_full_forwards(model, ids, mask, model.config.decoder_start_token_id, NEW)
+    _, base = _greedy_by_full_forwards(model, prompts, model.config.decoder_start_token_id, NEW)
     assert not torch.allclose(torch.stack(want_logits), torch.stack(base), atol=1e-3), "the adapter changes the logits"
-    out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+    out = ours.generate(**prompts, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                         output_logits=True, return_dict_in_generate=True, **OFF, **extra)
     assert torch.equal(out.sequences, want_ids)
     for got, want in zip(out.logits, want_logits):
@@ -99,8 +109,7 @@ def test_beam_search_gives_peft_beams(case):
     name, model, ours, theirs = case
     if not name.endswith("lora"):
         pytest.skip("beam search is compared on LoRA adapters (the issue's case); greedy covers the others")
-    ids, mask = _prompts()
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=3, num_return_sequences=2,
+    kwargs = dict(**_prompts(name), max_new_tokens=NEW, num_beams=3, num_return_sequences=2,
                   do_sample=False, output_scores=True, return_dict_in_generate=True, **OFF)
     got, want = ours.generate(**kwargs), theirs.generate(**kwargs)
     assert torch.equal(got.sequences, want.sequences)
@@ -110,9 +119,9 @@ def test_beam_search_gives_peft_beams(case):
 def test_a_decode_step_reads_both_caches(case):
     """After the prefill, each step gets one decoder token; the cross-attention cache is never recomputed."""
     name, model, ours, theirs = case
-    ids, mask = _prompts()
+    prompts = _prompts(name)
     extra = _extra(name)
-    ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, **OFF, **extra)     # builds the graphs
+    ours.generate(**prompts, max_new_tokens=1, **OFF, **extra)     # builds the graphs
     graphs = ours.__dict__["_graphpeft_generation"][ours.active_adapter]
     seen = []
 
@@ -123,11 +132,11 @@ def test_a_decode_step_reads_both_caches(case):
 
     handle = graphs.step.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, **OFF, **extra)
+        ours.generate(**prompts, max_new_tokens=NEW, eos_token_id=None, **OFF, **extra)
     finally:
         handle.remove()
     cross = seen[0][2]
-    assert cross >= ids.shape[1]                  # the encoder's positions (and any virtual tokens before them)
+    assert cross >= next(iter(prompts.values())).shape[-1] // (2 if "input_features" in prompts else 1)  # (Whisper: conv stride 2)
     assert [(s, c) for s, _, c in seen] == [((3, 1), cross)] * (NEW - 1)
     selfs = [p for _, p, _ in seen]
     assert selfs == list(range(selfs[0], selfs[0] + NEW - 1))
