@@ -44,6 +44,7 @@ from torch import nn
 from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError, NoMatchError
+from graphpeft.hoist import hoist_parameter_ops
 from graphpeft.rewriter import EXTRA_INPUTS, copy_graph, get_attr_path
 
 _STATE = "_graphpeft_generation"          # GraphPeftModel.__dict__ entry: {key: _Graphs}, plus the proxy
@@ -322,6 +323,7 @@ def _build(peft_model: Any, adapter_name: Optional[str]) -> _Graphs:
         if where is not None:
             retarget_device(bound.graph, where)
             bound.recompile()
+        hoist_parameter_ops(bound)         # e.g. the fused cat(A_q, A_k, A_v): once, not once per token
         return bound
 
     def run(gm: fx.GraphModule, **inputs: Any) -> Any:
