@@ -91,15 +91,21 @@ def token_lookup(gm: fx.GraphModule, main: str = "input_ids") -> Optional[TokenL
     return TokenLookup(site, wanted, _module_output(site.node, site.module_path))
 
 
+def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup]:
+    """Where virtual tokens go: the lookup of ``input_ids``, else (a model whose encoder reads no tokens,
+    e.g. Whisper's ``input_features``) the lookup of ``decoder_input_ids``, else None."""
+    return token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids")
+
+
 class TokenLookupRule(Rule):
     """Base of the rules anchored on the token-embedding lookup of ``input_ids``: the pattern and the
     check they share (the site; a ``token_dim`` in the config must be the embedding's size)."""
 
     def sites(self, gm: fx.GraphModule) -> list[TokenLookup]:
-        lookup = token_lookup(gm, "input_ids")
+        lookup = prompt_lookup(gm)
         if lookup is None:
-            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids; it needs a model "
-                               f"that embeds token ids (a text model with an input_ids input)")
+            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids or decoder_input_ids; "
+                               f"it needs a model that embeds token ids (a text model, or a speech model's decoder)")
         return [lookup]
 
     def check(self, lookup: TokenLookup) -> Optional[str]:
