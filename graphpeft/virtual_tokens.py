@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.match import Site, find_sites, is_stamped, module_stack_entry
+from graphpeft.patch_sequence import PatchSequence, insert_after_leading, patch_sequence
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule
 from graphpeft.sequence import placeholder, prepend_positions, sequence_inputs
@@ -91,10 +92,11 @@ def token_lookup(gm: fx.GraphModule, main: str = "input_ids") -> Optional[TokenL
     return TokenLookup(site, wanted, _module_output(site.node, site.module_path))
 
 
-def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup]:
-    """Where virtual tokens go: the lookup of ``input_ids``, else (a model whose encoder reads no tokens,
-    e.g. Whisper's ``input_features``) the lookup of ``decoder_input_ids``, else None."""
-    return token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids")
+def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup | PatchSequence]:
+    """Where virtual tokens go: the lookup of ``input_ids``; else (a model whose encoder reads no tokens,
+    e.g. Whisper's ``input_features``) the lookup of ``decoder_input_ids``; else (a vision transformer) the
+    patch-embedding sequence, after its class token; else None."""
+    return token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids") or patch_sequence(gm)
 
 
 class TokenLookupRule(Rule):
@@ -104,8 +106,9 @@ class TokenLookupRule(Rule):
     def sites(self, gm: fx.GraphModule) -> list[TokenLookup]:
         lookup = prompt_lookup(gm)
         if lookup is None:
-            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids or decoder_input_ids; "
-                               f"it needs a model that embeds token ids (a text model, or a speech model's decoder)")
+            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids or decoder_input_ids "
+                               f"and no patch embedding; it needs a model that embeds token ids (a text model, a "
+                               f"speech model's decoder) or image patches (a vision transformer)")
         return [lookup]
 
     def check(self, lookup: TokenLookup) -> Optional[str]:
@@ -134,8 +137,11 @@ def lookup_rows(gm: fx.GraphModule, lookup: TokenLookup, ids: torch.Tensor) -> t
 def extend_sequence(rw: Rewriter, lookup: TokenLookup, n: int) -> None:
     """Prepend ``n`` positions to every input on the sequence axis of ``lookup``'s ids (stamped through ``rw``).
 
-    Ids get 0 (their lookup rows are replaced), masks 1, token type ids 0, labels -100.
+    Ids get 0 (their lookup rows are replaced), masks 1, token type ids 0, labels -100. A patch sequence has
+    no such inputs (its length is the graph's own, see ``replace_leading_rows``).
     """
+    if isinstance(lookup, PatchSequence):
+        return
     gm = rw.gm
     inputs = sequence_inputs(gm, str(lookup.ids.target))
     for node in inputs:
@@ -153,8 +159,11 @@ def replace_leading_rows(rw: Rewriter, lookup: TokenLookup, prompts: fx.Node, n:
     """Every reader of the lookup reads ``cat([prompts, lookup[:, n:]], dim=1)``; returns the cat node.
 
     ``prompts`` is [n, dim], the same for every row of the batch, or [B, n, dim] when ``batched``; it
-    is cast to the lookup's dtype, as PEFT casts the prompts to that of inputs_embeds.
+    is cast to the lookup's dtype, as PEFT casts the prompts to that of inputs_embeds. In a patch sequence
+    the prompts go after the class token instead (``graphpeft.patch_sequence``).
     """
+    if isinstance(lookup, PatchSequence):
+        return insert_after_leading(rw, lookup, prompts, n, batched)
     out = lookup.output
     if _comes_after(out, rw._cursor):      # insert after the lookup, and after what the caller inserted
         rw.start_before(out.next)
@@ -179,6 +188,9 @@ def initial_table(gm: fx.GraphModule, lookup: TokenLookup, total: int, init: str
     TEXT          the lookup of the text's token ids, cut or repeated to ``total``
     """
     table = torch.nn.Embedding(total, lookup.dim).weight.detach()      # drawn first, as PEFT does
+    if isinstance(lookup, PatchSequence) and init in ("SAMPLE_VOCAB", "TEXT"):
+        raise GraphPeftError(f"prompt_tuning_init={init!r} needs a token vocabulary, but the prompts go into the "
+                             f"patch sequence of {lookup.module_path} (an image model); use RANDOM")
     device = get_attr_path(gm, lookup.site.weight_name).device
     if init == "SAMPLE_VOCAB":
         ids = torch.randint(0, lookup.vocab_size, (total,), dtype=torch.long)
