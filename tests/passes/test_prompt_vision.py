@@ -94,3 +94,95 @@ def test_prefix_trains_saves_and_reloads(vit, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, ours(pixel_values=pixels).logits,
                                    atol=ATOL, rtol=0)
+
+
+# -- Visual Prompt Tuning: virtual tokens after the class token ------------------------------------------
+
+METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+TASKS = torch.tensor([1, 0, 1])
+
+
+def _config(method, **kw):
+    if method == "prompt_tuning":
+        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
+    if method == "p_tuning":
+        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
+    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+
+
+def _extra(method):
+    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+
+
+def _prompts(ours, method, batch):
+    """The [B, V, H] prompts, from the rewritten model's own parameters (PEFT's formulas)."""
+    gm = ours.graph_module
+    if method == "prompt_tuning":
+        return get_attr_path(gm, "prompt_encoder.default.embedding.weight").expand(batch, -1, -1)
+    if method == "p_tuning":
+        return get_attr_path(gm, "prompt_encoder.default")().expand(batch, -1, -1)
+    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
+    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
+    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
+    return table * (cols[TASKS] @ rows[TASKS])
+
+
+def _vpt_oracle(model, pixels, prompts):
+    """ViT by hand: embeddings -> cat(CLS, prompts, patches) -> layers -> layernorm -> classifier(token 0)."""
+    with torch.no_grad():
+        h = model.vit.embeddings(pixels)
+        h = torch.cat([h[:, :1], prompts, h[:, 1:]], 1)
+        for layer in model.vit.layers:
+            h = layer(h)
+        return model.classifier(model.vit.layernorm(h)[:, 0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_virtual_tokens_after_the_class_token_equal_the_hand_written_forward(method, vit):
+    model, gm = vit
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method)).eval()
+    pixels = inputs_for(model, batch=3)["pixel_values"]
+    with torch.no_grad():
+        got = ours(pixel_values=pixels, **_extra(method)).logits
+        expected = _vpt_oracle(model, pixels, _prompts(ours, method, 3))
+        base = model(pixel_values=pixels).logits
+        with ours.disable_adapter():
+            off = ours(pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(off, base, atol=ATOL, rtol=0)
+    assert (got - base).abs().max() > 1e-4                     # the prompts matter
+    other = inputs_for(model, batch=5, seed=1)["pixel_values"]       # another batch size than captured
+    extra = {"task_ids": torch.tensor([0, 1, 1, 0, 1])} if method == "multitask_prompt_tuning" else {}
+    with torch.no_grad():
+        assert ours(pixel_values=other, **extra).logits.shape == (5, 3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_virtual_tokens_train_save_and_reload(method, vit, tmp_path):
+    model, gm = vit
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method))
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".prompt_encoder." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    pixels = inputs_for(model, batch=3)["pixel_values"]
+    logits = ours(pixel_values=pixels, **_extra(method)).logits
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 1]))
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1.0).step()
+    assert {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])} == trainable
+    ours.eval().save_pretrained(tmp_path / "adapter")
+    loaded = graphpeft.from_pretrained(copy.deepcopy(gm), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels, **_extra(method)).logits,
+                                   ours(pixel_values=pixels, **_extra(method)).logits, atol=ATOL, rtol=0)
+
+
+def test_vocabulary_inits_on_an_image_model_are_a_one_line_error(vit):
+    _, gm = vit
+    with pytest.raises(graphpeft.GraphPeftError, match="needs a token vocabulary") as err:
+        graphpeft.rewrite(copy.deepcopy(gm), graphpeft.PromptTuningConfig(num_virtual_tokens=V,
+                                                                           prompt_tuning_init="SAMPLE_VOCAB"))
+    assert "\n" not in str(err.value)
