@@ -117,3 +117,19 @@ def test_one_step_moves_only_the_prompt_and_the_adapter_reloads_equal(method, wh
         expected = ours(**batch, **_extra(method)).logits
         got = loaded(**batch, **_extra(method)).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_a_captured_decoder_attention_mask_gets_ones_for_the_prompt():
+    model = tiny_whisper(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    batch = inputs_for(model, batch=2, seq=5)
+    batch["decoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    gm = graphpeft.capture(model, example_inputs=batch)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(gm, _config("prompt_tuning")).eval()
+    with torch.no_grad():
+        got = ours(**batch).logits
+        embeds = torch.cat([_prompts(ours, "prompt_tuning"), model.model.decoder.embed_tokens(batch["decoder_input_ids"])], 1)
+        mask = torch.cat([torch.ones(2, V, dtype=torch.long), batch["decoder_attention_mask"]], 1)
+        expected = model(input_features=batch["input_features"], decoder_inputs_embeds=embeds,
+                         decoder_attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
