@@ -10,7 +10,7 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
     experts    any op reading a 3-D parameter W[experts,out,in]             MoE experts (transformers 5 Mixtral's
                                                                              gate_up_proj, indexed per token)
-    conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d
+    conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d (string padding too)
 
 and, in graphs traced with torch.fx's default leaf modules, ``call_module`` nodes of nn.Linear
 (kind linear) and nn.Embedding (kind embedding), whose weight has no get_attr node.
@@ -42,7 +42,8 @@ _LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
-CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+            aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}     # padding="same"/"valid"
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,7 @@ class PrefixTuningRule(Rule):
 
     def _sites_without_tokens(self, gm: fx.GraphModule) -> list[Any]:
         """A model that reads no token sequence (a vision transformer's pixel_values): every attention site
+        with 4-D queries, keys and values (the layers; not e.g. a pooling head's nn.MultiheadAttention)
         gets the prefix in front of its keys and values, with no filler positions (queries, outputs and
         pooling keep their length), and its mask gets V attended columns in front."""
         found = attention_sites(gm)
@@ -223,6 +224,10 @@ class PrefixTuningRule(Rule):
         anchor = found[0].node
         if was_rewritten(anchor, self.name, self.adapter_name):
             return [SequenceEntry(anchor)]           # applied before: nothing is fresh, nothing changes
+        usable = [att for att in found if _four_d(att)]     # e.g. not a pooling head's nn.MultiheadAttention
+        if not usable:
+            _site_shape(found[0], None)                     # raises, naming the site
+        found = usable
         for att in found:
             _refuse_causal(att)
         shapes = [_site_shape(att, None) for att in found]
@@ -505,6 +510,11 @@ def _site_shape(att: AttentionSite, seq: Any) -> tuple[int, int, int]:
                              f"which do not run along the sequence of the input; prefix tuning cannot put a "
                              f"prefix there")
     return heads, head_dim, _kv_heads(att.value, heads, head_dim)
+
+
+def _four_d(att: AttentionSite) -> bool:
+    vals = [x.meta.get("val") for x in (att.query, att.key, att.value)]
+    return all(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vals)
 
 
 def _refuse_causal(att: AttentionSite) -> None:

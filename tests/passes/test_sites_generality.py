@@ -1,0 +1,218 @@
+"""Prompt-learning methods on vision and speech architectures beyond ViT and Whisper, each built tiny from its
+transformers config: the sites come from the graph, so no table per architecture.
+
+Oracles (PEFT refuses these models):
+- prompt tuning, P-tuning, multitask prompt tuning on an image model: the base model with a forward hook on
+  its embeddings module that inserts the same prompts after the leading tokens (the class token; DeiT's
+  distillation token too), so the rest runs the model's own code over the longer sequence;
+- prefix tuning on an image model: the base model running its own SDPA attention with the prefix rows of
+  layer j (PEFT's layout) concatenated in front of the keys and values;
+- the prompt methods on Speech2Text (input_features, no encoder tokens): the base model with
+  ``decoder_inputs_embeds`` = cat(prompts, token embeddings) times the decoder's embed_scale (the prompts
+  join the sequence at the embedding module's output; the decoder scales after it).
+Every cell also trains one step that moves exactly the method's parameters and reloads with equal outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import graphpeft
+from graphpeft.passes.prefix_tuning import prompt_embeddings
+from graphpeft.rewriter import get_attr_path
+
+V = 3
+ATOL = 1e-5
+LAYERS = 2
+_DIMS = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64)
+_IMAGE = dict(image_size=16, patch_size=4, num_channels=3)
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _build(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    config = config_cls(**kw)
+    config._attn_implementation = "sdpa"
+    return model_cls(config).eval()
+
+
+# name -> (builder, tokens before the patches)
+VISION = {
+    "deit": (lambda: _build(tf.DeiTConfig, tf.DeiTForImageClassification, **_DIMS, **_IMAGE, **_NO_DROPOUT,
+                            num_labels=3), 2),
+    "deit-teacher": (lambda: _build(tf.DeiTConfig, tf.DeiTForImageClassificationWithTeacher, **_DIMS, **_IMAGE,
+                                    **_NO_DROPOUT, num_labels=3), 2),
+    "dinov2": (lambda: _build(tf.Dinov2Config, tf.Dinov2ForImageClassification, **_DIMS, image_size=16,
+                              patch_size=4, num_labels=3), 1),
+    "beit": (lambda: _build(tf.BeitConfig, tf.BeitForImageClassification, **_DIMS, **_IMAGE, **_NO_DROPOUT,
+                            use_mean_pooling=False, num_labels=3), 1),
+    "clip-vision": (lambda: _build(tf.CLIPVisionConfig, tf.CLIPVisionModel, **_DIMS, image_size=16, patch_size=4), 1),
+    "siglip-vision": (lambda: _build(tf.SiglipVisionConfig, tf.SiglipVisionModel, **_DIMS, image_size=16,
+                                     patch_size=4), 0),
+}
+METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+TASKS = torch.tensor([1, 0])
+
+
+def _config(method, **kw):
+    if method == "prompt_tuning":
+        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
+    if method == "p_tuning":
+        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
+    if method == "multitask_prompt_tuning":
+        return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+    return graphpeft.PrefixTuningConfig(num_virtual_tokens=V, **kw)
+
+
+def _extra(method):
+    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+
+
+def _prompts(ours, method, batch):
+    """[B, V, H] prompts from the rewritten model's own parameters (PEFT's formulas; the first V rows)."""
+    gm = ours.graph_module
+    if method == "prompt_tuning":
+        return get_attr_path(gm, "prompt_encoder.default.embedding.weight")[:V].expand(batch, -1, -1)
+    if method == "p_tuning":
+        return get_attr_path(gm, "prompt_encoder.default")()[:V].expand(batch, -1, -1)
+    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
+    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
+    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
+    return (table * (cols[TASKS] @ rows[TASKS]))[:, :V]
+
+
+def _outputs(out):
+    return [t for t in (getattr(out, "logits", None), getattr(out, "last_hidden_state", None),
+                        getattr(out, "pooler_output", None)) if t is not None]
+
+
+@pytest.fixture(scope="module")
+def captured():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = VISION[name][0]()
+            cache[name] = (model, graphpeft.capture(model))
+        return cache[name]
+    return get
+
+
+def _embeddings_module(model):
+    """The model's patch-embedding module, by its class name (not by graphpeft)."""
+    return next(m for n, m in model.named_modules() if type(m).__name__.endswith("Embeddings"))
+
+
+def _train_step_and_reload(ours, gm, batch, tmp_path, extra):
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".prompt_encoder." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    ours.train()
+    loss = sum(t.float().pow(2).mean() for t in _outputs(ours(**batch, **extra)))
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1.0).step()
+    assert {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])} == trainable
+    ours.eval().save_pretrained(tmp_path / "adapter")
+    loaded = graphpeft.from_pretrained(copy.deepcopy(gm), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        for got, expected in zip(_outputs(loaded(**batch, **extra)), _outputs(ours(**batch, **extra))):
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(VISION))
+def test_virtual_tokens_after_the_leading_tokens_of_the_patch_sequence(name, method, captured, tmp_path):
+    model, gm = captured(name)
+    leading = VISION[name][1]
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method)).eval()
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = _outputs(ours(pixel_values=pixels, **_extra(method)))
+        prompts = _prompts(ours, method, 2)
+        oracle = copy.deepcopy(model)
+        _embeddings_module(oracle).register_forward_hook(
+            lambda mod, args, out: torch.cat([out[:, :leading], prompts, out[:, leading:]], 1))
+        expected = _outputs(oracle(pixel_values=pixels))
+        base = _outputs(model(pixel_values=pixels))
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert (got[-1] - base[-1]).abs().max() > 1e-4
+    _train_step_and_reload(ours, gm, {"pixel_values": pixels}, tmp_path, _extra(method))
+
+
+_PREFIX: dict[str, object] = {}
+
+
+def _prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own SDPA with the prefix of the j-th attention call in front of its keys and values."""
+    j = _PREFIX["calls"]
+    _PREFIX["calls"] = j + 1
+    prefix, batch = _PREFIX["prefix"], key.shape[0]
+    key = torch.cat([prefix[2 * j].unsqueeze(0).expand(batch, -1, -1, -1), key], 2)
+    value = torch.cat([prefix[2 * j + 1].unsqueeze(0).expand(batch, -1, -1, -1), value], 2)
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+AttentionInterface.register("graphpeft_generality_prefix", _prefix_attention)
+
+
+@pytest.mark.parametrize("name", sorted(VISION))
+def test_prefix_at_every_layer_of_an_image_model(name, captured, tmp_path):
+    model, gm = captured(name)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config("prefix_tuning")).eval()
+    assert len([r for r in ours.records if r.kind != "prefix"]) == LAYERS       # the layers, not a pooling head
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = _outputs(ours(pixel_values=pixels))
+        entry = next(r for r in ours.records if r.kind == "prefix")
+        heads = model.config.num_attention_heads
+        _PREFIX.update(calls=0, prefix=prompt_embeddings(ours.graph_module, entry).view(V, 2 * LAYERS, heads, -1)
+                       .permute(1, 2, 0, 3))
+        oracle = copy.deepcopy(model)
+        for module in oracle.modules():
+            if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+                module.config._attn_implementation = "graphpeft_generality_prefix"
+        expected = _outputs(oracle(pixel_values=pixels))
+    assert _PREFIX["calls"] == LAYERS
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    _train_step_and_reload(ours, gm, {"pixel_values": pixels}, tmp_path, {})
+
+
+# -- speech: Speech2Text's decoder -----------------------------------------------------------------------
+
+def _speech2text():
+    return _build(tf.Speech2TextConfig, tf.Speech2TextForConditionalGeneration, d_model=32, encoder_layers=2,
+                  decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, vocab_size=100, input_feat_per_channel=8, num_conv_layers=1,
+                  conv_kernel_sizes=[5], conv_channels=16, max_source_positions=64, max_target_positions=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, dropout=0.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_speech2text_decoder_prompt(method, tmp_path):
+    model = _speech2text()
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_features": torch.randn(2, 20, 8, generator=gen),
+             "decoder_input_ids": torch.randint(3, 100, (2, 5), generator=gen)}
+    gm = graphpeft.capture(model, example_inputs=batch)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method, task_type="SEQ_2_SEQ_LM")).eval()
+    decoder = model.model.decoder
+    with torch.no_grad():
+        got = ours(**batch, **_extra(method)).logits
+        embeds = torch.cat([_prompts(ours, method, 2), decoder.embed_tokens(batch["decoder_input_ids"])], 1)
+        expected = model(input_features=batch["input_features"], decoder_inputs_embeds=embeds * decoder.embed_scale)
+    assert got.shape == (2, V + 5, 100)
+    torch.testing.assert_close(got, expected.logits, atol=ATOL, rtol=0)
+    _train_step_and_reload(ours, gm, batch, tmp_path, _extra(method))
