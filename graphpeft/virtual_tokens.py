@@ -137,7 +137,9 @@ def lookup_rows(gm: fx.GraphModule, lookup: TokenLookup, ids: torch.Tensor) -> t
 def extend_sequence(rw: Rewriter, lookup: TokenLookup, n: int) -> None:
     """Prepend ``n`` positions to every input on the sequence axis of ``lookup``'s ids (stamped through ``rw``).
 
-    Ids get 0 (their lookup rows are replaced), masks 1, token type ids 0, labels -100. A patch sequence has
+    Ids get a non-pad id (their lookup rows are replaced; a model that numbers positions from its ids, as
+    Speech2Text and RoBERTa do, then counts the prompts, as PEFT's inputs_embeds path does), masks 1, token
+    type ids 0, labels -100. A patch sequence has
     no such inputs (its length is the graph's own, see ``replace_leading_rows``).
     """
     if isinstance(lookup, PatchSequence):
@@ -151,6 +153,8 @@ def extend_sequence(rw: Rewriter, lookup: TokenLookup, n: int) -> None:
     for node in inputs:
         name = str(node.target)
         fill = 1 if "mask" in name else (-100 if name.endswith("labels") else 0)
+        if node is lookup.ids:
+            fill = _filler_id(gm)
         _, inserted = prepend_positions(gm, node, n, fill)
         rw.adopt(inserted)
 
@@ -257,6 +261,16 @@ def model_dims(gm: fx.GraphModule) -> dict[str, Optional[int]]:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _filler_id(gm: fx.GraphModule) -> int:
+    """0, or 1 where 0 is the model's pad id."""
+    from graphpeft.capture import capture_info
+
+    config = getattr(capture_info(gm), "hf_config", None)
+    pads = {getattr(c, "pad_token_id", None) for c in (config, getattr(config, "get_text_config", lambda: None)())
+            if c is not None}
+    return 1 if 0 in pads else 0
+
 
 def _ids_source(node: fx.Node) -> Optional[fx.Node]:
     """The placeholder whose ids an embedding op looks up, through views and our own prepended cat."""

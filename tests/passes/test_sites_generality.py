@@ -7,9 +7,10 @@ Oracles (PEFT refuses these models):
   distillation token too), so the rest runs the model's own code over the longer sequence;
 - prefix tuning on an image model: the base model running its own SDPA attention with the prefix rows of
   layer j (PEFT's layout) concatenated in front of the keys and values;
-- the prompt methods on Speech2Text (input_features, no encoder tokens): the base model with
-  ``decoder_inputs_embeds`` = cat(prompts, token embeddings) times the decoder's embed_scale (the prompts
-  join the sequence at the embedding module's output; the decoder scales after it).
+- the prompt methods on Speech2Text (input_features, no encoder tokens; decoder positions numbered from the
+  ids, so it takes no decoder_inputs_embeds): the base model on V non-pad ids + the ids, its embed_tokens
+  output's first V rows replaced by the prompts (they join at the embedding module's output, so the
+  decoder's embed_scale after it scales them too).
 Every cell also trains one step that moves exactly the method's parameters and reloads with equal outputs.
 """
 
@@ -35,10 +36,10 @@ _IMAGE = dict(image_size=16, patch_size=4, num_channels=3)
 _NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def _build(config_cls, model_cls, **kw):
+def _build(config_cls, model_cls, attn="sdpa", **kw):
     torch.manual_seed(0)
     config = config_cls(**kw)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     return model_cls(config).eval()
 
 
@@ -51,7 +52,7 @@ VISION = {
     "dinov2": (lambda: _build(tf.Dinov2Config, tf.Dinov2ForImageClassification, **_DIMS, image_size=16,
                               patch_size=4, num_labels=3), 1),
     "beit": (lambda: _build(tf.BeitConfig, tf.BeitForImageClassification, **_DIMS, **_IMAGE, **_NO_DROPOUT,
-                            use_mean_pooling=False, num_labels=3), 1),
+                            use_mean_pooling=False, drop_path_rate=0.0, num_labels=3), 1),
     "clip-vision": (lambda: _build(tf.CLIPVisionConfig, tf.CLIPVisionModel, **_DIMS, image_size=16, patch_size=4), 1),
     "siglip-vision": (lambda: _build(tf.SiglipVisionConfig, tf.SiglipVisionModel, **_DIMS, image_size=16,
                                      patch_size=4), 0),
@@ -192,27 +193,38 @@ def test_prefix_at_every_layer_of_an_image_model(name, captured, tmp_path):
 # -- speech: Speech2Text's decoder -----------------------------------------------------------------------
 
 def _speech2text():
-    return _build(tf.Speech2TextConfig, tf.Speech2TextForConditionalGeneration, d_model=32, encoder_layers=2,
+    return _build(tf.Speech2TextConfig, tf.Speech2TextForConditionalGeneration, attn="eager", d_model=32, encoder_layers=2,
                   decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                   decoder_ffn_dim=64, vocab_size=100, input_feat_per_channel=8, num_conv_layers=1,
                   conv_kernel_sizes=[5], conv_channels=16, max_source_positions=64, max_target_positions=64,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, dropout=0.0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_speech2text_decoder_prompt(method, tmp_path):
+@pytest.fixture(scope="module")
+def speech2text():
     model = _speech2text()
     gen = torch.Generator().manual_seed(0)
     batch = {"input_features": torch.randn(2, 20, 8, generator=gen),
              "decoder_input_ids": torch.randint(3, 100, (2, 5), generator=gen)}
-    gm = graphpeft.capture(model, example_inputs=batch)
+    return model, batch, graphpeft.capture(model, example_inputs=batch)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_speech2text_decoder_prompt(method, speech2text, tmp_path):
+    """Speech2Text numbers decoder positions from the ids (no decoder_inputs_embeds): the oracle runs the base
+    model on [V non-pad ids ; ids] with a hook that puts the prompts in the V first rows of embed_tokens."""
+    model, batch, gm = speech2text
     torch.manual_seed(0)
     ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method, task_type="SEQ_2_SEQ_LM")).eval()
-    decoder = model.model.decoder
     with torch.no_grad():
         got = ours(**batch, **_extra(method)).logits
-        embeds = torch.cat([_prompts(ours, method, 2), decoder.embed_tokens(batch["decoder_input_ids"])], 1)
-        expected = model(input_features=batch["input_features"], decoder_inputs_embeds=embeds * decoder.embed_scale)
+        prompts = _prompts(ours, method, 2)
+        oracle = copy.deepcopy(model)
+        oracle.model.decoder.embed_tokens.register_forward_hook(lambda mod, args, out: torch.cat([prompts, out[:, V:]], 1))
+        ids = torch.cat([torch.full((2, V), 1), batch["decoder_input_ids"]], 1)          # 1: not the pad id 0
+        expected = oracle(input_features=batch["input_features"], decoder_input_ids=ids).logits
+        base = model(**batch).logits
     assert got.shape == (2, V + 5, 100)
-    torch.testing.assert_close(got, expected.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (got[:, V:] - base).abs().max() > 1e-3
     _train_step_and_reload(ours, gm, batch, tmp_path, _extra(method))
