@@ -20,6 +20,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 import transformers as tf
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -228,3 +229,92 @@ def test_speech2text_decoder_prompt(method, speech2text, tmp_path):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got[:, V:] - base).abs().max() > 1e-3
     _train_step_and_reload(ours, gm, batch, tmp_path, _extra(method))
+
+
+# -- weight matmuls found by what the graph computes ---------------------------------------------------------
+
+class _Transposed(nn.Module):
+    """y = x @ W.t().contiguous() + b, W [out, in]: nn.Linear written by hand."""
+
+    def __init__(self, fin, fout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fout, fin) / fin ** 0.5)
+        self.bias = nn.Parameter(torch.randn(fout) / 10)
+
+    def forward(self, x):
+        return x @ self.weight.t().contiguous() + self.bias
+
+
+class _Permuted(_Transposed):
+    """y = matmul(x, W.permute(1, 0))."""
+
+    def forward(self, x):
+        return torch.matmul(x, self.weight.permute(1, 0))
+
+
+class _Batched(nn.Module):
+    """y = bmm(x, W expanded over the batch), W stored [in, out]."""
+
+    def __init__(self, fin, fout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fin, fout) / fin ** 0.5)
+
+    def forward(self, x):
+        return torch.bmm(x, self.weight.unsqueeze(0).expand(x.shape[0], -1, -1))
+
+
+class _Chains(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.mix, self.down = _Transposed(16, 24), _Batched(24, 20), _Permuted(20, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.mix(torch.relu(self.up(x))))))
+
+
+def _linear_twin(chains):
+    """The same model written with nn.Linear, which PEFT's LoRA takes."""
+    twin = nn.Module()
+    for name, transposed in (("up", False), ("mix", True), ("down", False)):
+        source = getattr(chains, name)
+        w = source.weight.detach()
+        layer = nn.Linear(w.shape[0] if transposed else w.shape[1], w.shape[1] if transposed else w.shape[0],
+                          bias=hasattr(source, "bias") and name == "up")
+        layer.weight.data = (w.T if transposed else w).clone()
+        if name == "up":
+            layer.bias.data = source.bias.detach().clone()
+        setattr(twin, name, layer)
+    twin.head = copy.deepcopy(chains.head)
+    twin.forward = lambda x: twin.head(twin.down(torch.relu(twin.mix(torch.relu(twin.up(x))))))
+    return twin
+
+
+def test_weight_matmuls_through_transpose_permute_and_batch_broadcast_are_lora_sites():
+    import peft
+
+    model = _Chains().eval()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    cfg = dict(r=4, lora_alpha=8, target_modules=["up", "mix", "down"], init_lora_weights=False)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(model, graphpeft.LoraConfig(**cfg), example_inputs=(x,)).eval()
+    kinds = {r.module_path: r.kind for r in ours.records}
+    assert kinds == {"up": "linear", "mix": "mm", "down": "linear"}
+    twin = _linear_twin(model)
+    pm = peft.get_peft_model(twin, peft.LoraConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name in ("up", "mix", "down"):
+            for part in ("lora_A", "lora_B"):
+                mine = get_attr_path(ours.graph_module, f"{name}.{part}.default.weight")
+                getattr(getattr(pm.base_model.model, name), part)["default"].weight.copy_(mine)
+        got, expected = ours(x), pm(x)
+        base = model(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (got - base).abs().max() > 1e-3
+    merged = ours.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), got, atol=ATOL, rtol=0)
+    all_linear = graphpeft.rewrite(_Chains().eval(), graphpeft.LoraConfig(target_modules="all-linear"),
+                                   example_inputs=(x,))
+    assert {r.module_path for r in all_linear.records} == {"up", "mix", "down"}        # the head left out
