@@ -7,10 +7,14 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     mm         aten.mm(x2d, W[in,out])                                      Conv1D without bias
     matmul     aten.matmul / torch.matmul with a parameter operand          custom layers
     einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
+    linear/mm  linear / matmul / mm / bmm reading a 2-D parameter through   custom layers (x @ W.t(), a
+               a transpose, a dtype cast, a same-shape view or a batch      bf16 cast of W, bmm on W
+               broadcast: "linear" when the op computes x W^T, "mm" when    expanded over the batch)
+               it computes x W (W stored [in, out])
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
     experts    any op reading a 3-D parameter W[experts,out,in]             MoE experts (transformers 5 Mixtral's
                                                                              gate_up_proj, indexed per token)
-    conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d
+    conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d (string padding too)
 
 and, in graphs traced with torch.fx's default leaf modules, ``call_module`` nodes of nn.Linear
 (kind linear) and nn.Embedding (kind embedding), whose weight has no get_attr node.
@@ -42,7 +46,8 @@ _LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
-CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+            aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}     # padding="same"/"valid"
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,50 @@ def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str,
         params = [w for w in operands if _param(gm, w) is not None]
         if len(params) == 1 and (p := _param(gm, params[0])).dim() == 2:
             return "einsum", params[0], p.shape[1], p.shape[0]
+    if (t in _LINEAR or t in _MATMUL or t is aten.mm.default) and len(a) >= 2 \
+            and (found := _param_through(gm, a[1])) is not None:
+        w, p, flipped = found
+        if (t in _LINEAR) != flipped:       # the op computes x @ W^T: nn.Linear's layout
+            return "linear", w, p.shape[1], p.shape[0]
+        return "mm", w, p.shape[0], p.shape[1]        # x @ W, W stored [in, out] as GPT-2's Conv1D
     return None
+
+
+# ops a weight may go through on its way to a matmul: layout flips, and ops that keep its values and layout
+_FLIPS = {aten.t.default, aten.transpose.int, aten.permute.default}
+_KEEPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
+          aten.alias.default, aten.detach.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.unsqueeze.default, aten.expand.default}
+
+
+def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, torch.nn.Parameter, bool]]:
+    """(get_attr node, parameter, transposed?) of a 2-D parameter that ``node`` is, through a transpose, a
+    dtype cast, a view that keeps its shape, or a broadcast over a leading batch axis; None otherwise or when
+    ``node`` is the parameter itself (the plain sites above)."""
+    flipped, hops = False, 0
+    while isinstance(node, fx.Node) and node.op == "call_function" and hops < 8:
+        val, src = node.meta.get("val"), node.args[0] if node.args else None
+        src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not isinstance(src_val, torch.Tensor):
+            return None
+        if node.target in _FLIPS:
+            if val.dim() < 2 or tuple(val.shape[-2:]) != tuple(src_val.shape[-2:])[::-1]:
+                return None
+            if node.target is aten.permute.default and list(node.args[1])[-2:] not in ([1, 0], [-1, -2]):
+                return None
+            if node.target is aten.transpose.int and {d % val.dim() for d in node.args[1:3]} != {val.dim() - 2,
+                                                                                                 val.dim() - 1}:
+                return None
+            flipped = not flipped
+        elif node.target in _KEEPS:
+            if tuple(val.shape[-2:]) != tuple(src_val.shape[-2:]) or (val.dim() > 2 and node.target in
+                                                                      (aten.view.default, aten.reshape.default)):
+                return None
+        else:
+            return None
+        node, hops = src, hops + 1
+    p = _param(gm, node)
+    return (node, p, flipped) if p is not None and p.dim() == 2 and hops > 0 else None
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:

@@ -629,16 +629,28 @@ def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Opti
     users = {u for n in readers for u in n.users}
     param = nn.Parameter(value.clone(), requires_grad=False)
     owner_path, _, leaf = attr.rpartition(".")
-    if anchor is None or users <= {anchor}:
+    if anchor is None or all(_reaches(u, anchor) for u in users):
         setattr(own_module(gm, owner_path), leaf, param)
         return
     # the weight is shared (tied embeddings): only this site reads the merged copy
     new_attr = f"{owner_path}.{leaf}_merged_{anchor.name}" if owner_path else f"{leaf}_merged_{anchor.name}"
     ensure_module(gm, owner_path).register_parameter(new_attr.rpartition(".")[2], param)
-    old = next(n for n in readers if anchor in n.users)
-    with gm.graph.inserting_before(anchor):
+    old = next(n for n in readers if any(_reaches(u, anchor) for u in n.users))
+    user = next(u for u in old.users if _reaches(u, anchor))      # the anchor, or a transpose/cast on its way
+    with gm.graph.inserting_before(user):
         node = gm.graph.get_attr(new_attr)
-    anchor.replace_input_with(old, node)
+    user.replace_input_with(old, node)
+
+
+def _reaches(node: fx.Node, anchor: fx.Node) -> bool:
+    """``node`` is ``anchor``, or leads to it through single-user ops (a weight's transpose or cast)."""
+    for _ in range(8):
+        if node is anchor:
+            return True
+        if len(node.users) != 1:
+            return False
+        node = next(iter(node.users))
+    return False
 
 
 _PRESENTED: dict[tuple, type] = {}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.match import Site, find_sites, is_stamped, module_stack_entry
+from graphpeft.patch_sequence import PatchSequence, insert_after_leading, patch_sequence
 from graphpeft.rewriter import Rewriter, get_attr_path
 from graphpeft.rule import Rule
 from graphpeft.sequence import placeholder, prepend_positions, sequence_inputs
@@ -91,15 +92,23 @@ def token_lookup(gm: fx.GraphModule, main: str = "input_ids") -> Optional[TokenL
     return TokenLookup(site, wanted, _module_output(site.node, site.module_path))
 
 
+def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup | PatchSequence]:
+    """Where virtual tokens go: the lookup of ``input_ids``; else (a model whose encoder reads no tokens,
+    e.g. Whisper's ``input_features``) the lookup of ``decoder_input_ids``; else (a vision transformer) the
+    patch-embedding sequence, after its class token; else None."""
+    return token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids") or patch_sequence(gm)
+
+
 class TokenLookupRule(Rule):
     """Base of the rules anchored on the token-embedding lookup of ``input_ids``: the pattern and the
     check they share (the site; a ``token_dim`` in the config must be the embedding's size)."""
 
     def sites(self, gm: fx.GraphModule) -> list[TokenLookup]:
-        lookup = token_lookup(gm, "input_ids")
+        lookup = prompt_lookup(gm)
         if lookup is None:
-            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids; it needs a model "
-                               f"that embeds token ids (a text model with an input_ids input)")
+            raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids or decoder_input_ids "
+                               f"and no patch embedding; it needs a model that embeds token ids (a text model, a "
+                               f"speech model's decoder) or image patches (a vision transformer)")
         return [lookup]
 
     def check(self, lookup: TokenLookup) -> Optional[str]:
@@ -128,8 +137,13 @@ def lookup_rows(gm: fx.GraphModule, lookup: TokenLookup, ids: torch.Tensor) -> t
 def extend_sequence(rw: Rewriter, lookup: TokenLookup, n: int) -> None:
     """Prepend ``n`` positions to every input on the sequence axis of ``lookup``'s ids (stamped through ``rw``).
 
-    Ids get 0 (their lookup rows are replaced), masks 1, token type ids 0, labels -100.
+    Ids get a non-pad id (their lookup rows are replaced; a model that numbers positions from its ids, as
+    Speech2Text and RoBERTa do, then counts the prompts, as PEFT's inputs_embeds path does), masks 1, token
+    type ids 0, labels -100. A patch sequence has
+    no such inputs (its length is the graph's own, see ``replace_leading_rows``).
     """
+    if isinstance(lookup, PatchSequence):
+        return
     gm = rw.gm
     inputs = sequence_inputs(gm, str(lookup.ids.target))
     for node in inputs:
@@ -139,6 +153,8 @@ def extend_sequence(rw: Rewriter, lookup: TokenLookup, n: int) -> None:
     for node in inputs:
         name = str(node.target)
         fill = 1 if "mask" in name else (-100 if name.endswith("labels") else 0)
+        if node is lookup.ids:
+            fill = _filler_id(gm)
         _, inserted = prepend_positions(gm, node, n, fill)
         rw.adopt(inserted)
 
@@ -147,8 +163,11 @@ def replace_leading_rows(rw: Rewriter, lookup: TokenLookup, prompts: fx.Node, n:
     """Every reader of the lookup reads ``cat([prompts, lookup[:, n:]], dim=1)``; returns the cat node.
 
     ``prompts`` is [n, dim], the same for every row of the batch, or [B, n, dim] when ``batched``; it
-    is cast to the lookup's dtype, as PEFT casts the prompts to that of inputs_embeds.
+    is cast to the lookup's dtype, as PEFT casts the prompts to that of inputs_embeds. In a patch sequence
+    the prompts go after the class token instead (``graphpeft.patch_sequence``).
     """
+    if isinstance(lookup, PatchSequence):
+        return insert_after_leading(rw, lookup, prompts, n, batched)
     out = lookup.output
     if _comes_after(out, rw._cursor):      # insert after the lookup, and after what the caller inserted
         rw.start_before(out.next)
@@ -173,6 +192,9 @@ def initial_table(gm: fx.GraphModule, lookup: TokenLookup, total: int, init: str
     TEXT          the lookup of the text's token ids, cut or repeated to ``total``
     """
     table = torch.nn.Embedding(total, lookup.dim).weight.detach()      # drawn first, as PEFT does
+    if isinstance(lookup, PatchSequence) and init in ("SAMPLE_VOCAB", "TEXT"):
+        raise GraphPeftError(f"prompt_tuning_init={init!r} needs a token vocabulary, but the prompts go into the "
+                             f"patch sequence of {lookup.module_path} (an image model); use RANDOM")
     device = get_attr_path(gm, lookup.site.weight_name).device
     if init == "SAMPLE_VOCAB":
         ids = torch.randint(0, lookup.vocab_size, (total,), dtype=torch.long)
@@ -239,6 +261,16 @@ def model_dims(gm: fx.GraphModule) -> dict[str, Optional[int]]:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _filler_id(gm: fx.GraphModule) -> int:
+    """0, or 1 where 0 is the model's pad id."""
+    from graphpeft.capture import capture_info
+
+    config = getattr(capture_info(gm), "hf_config", None)
+    pads = {getattr(c, "pad_token_id", None) for c in (config, getattr(config, "get_text_config", lambda: None)())
+            if c is not None}
+    return 1 if 0 in pads else 0
+
 
 def _ids_source(node: fx.Node) -> Optional[fx.Node]:
     """The placeholder whose ids an embedding op looks up, through views and our own prepended cat."""

@@ -117,7 +117,7 @@ class MultitaskPromptTuningRule(TokenLookupRule):
         cfg, name = self.config, self.adapter_name
         n, total = cfg.num_virtual_tokens, cfg.total_virtual_tokens()
         decoder = None
-        if total // n == 2:
+        if total // n == 2 and lookup.ids is not None and str(lookup.ids.target) != "decoder_input_ids":   # not Whisper's decoder, not patches
             decoder = token_lookup(gm, "decoder_input_ids")
             if decoder is None:
                 raise GraphPeftError(f"{self.name}: num_transformer_submodules=2 (task_type SEQ_2_SEQ_LM) puts tokens "

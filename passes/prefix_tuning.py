@@ -160,6 +160,7 @@ class PrefixSite:
     key_row: int
     value_row: int
     repeat: int                                     # heads at the site / key-value heads of the prefix
+    fillers: bool = True                            # keys and values carry V filler positions to replace
 
     @property
     def node(self) -> fx.Node:
@@ -180,8 +181,7 @@ class PrefixTuningRule(Rule):
     def sites(self, gm: fx.GraphModule) -> list[Any]:
         main = _main_input(gm)
         if main is None:
-            raise GraphPeftError("prefix_tuning: the graph has no token sequence input (input_ids, "
-                                 "decoder_input_ids or inputs_embeds); capture the model with one")
+            return self._sites_without_tokens(gm)
         if was_rewritten(main, self.name, self.adapter_name):
             return [SequenceEntry(main)]             # applied before: nothing is fresh, nothing changes
         seq = _sequence_dim(main)
@@ -210,6 +210,34 @@ class PrefixTuningRule(Rule):
         entry = SequenceEntry(main, f"prompt_encoder.{self.adapter_name}", inputs, _filler(gm, main), dims,
                               _pooling_ops(gm, ids_reach, seq), _sequence_outputs(gm, ids_reach, seq))
         return [entry, *sites]
+
+    def _sites_without_tokens(self, gm: fx.GraphModule) -> list[Any]:
+        """A model that reads no token sequence (a vision transformer's pixel_values): every attention site
+        with 4-D queries, keys and values (the layers; not e.g. a pooling head's nn.MultiheadAttention)
+        gets the prefix in front of its keys and values, with no filler positions (queries, outputs and
+        pooling keep their length), and its mask gets V attended columns in front."""
+        found = attention_sites(gm)
+        if not found:
+            raise NoMatchError("prefix_tuning: the graph has no token sequence input (input_ids, decoder_input_ids "
+                               "or inputs_embeds) and no attention site (scaled_dot_product_attention or "
+                               "matmul-softmax-matmul); prefix tuning puts its prefix into attention keys and values")
+        anchor = found[0].node
+        if was_rewritten(anchor, self.name, self.adapter_name):
+            return [SequenceEntry(anchor)]           # applied before: nothing is fresh, nothing changes
+        usable = [att for att in found if _four_d(att)]     # e.g. not a pooling head's nn.MultiheadAttention
+        if not usable:
+            _site_shape(found[0], None)                     # raises, naming the site
+        found = usable
+        for att in found:
+            _refuse_causal(att)
+        shapes = [_site_shape(att, None) for att in found]
+        dims = self._resolve(gm, anchor, shapes, len(found))
+        sites: list[Any] = [SequenceEntry(anchor, f"prompt_encoder.{self.adapter_name}", dims=dims)]
+        for j, (att, (heads, _, _)) in enumerate(zip(found, shapes)):
+            key_row, value_row = dims.rows(j)
+            path = module_stack_entry(att.node)[0] or att.node.name
+            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.num_attention_heads, False))
+        return sites
 
     def _resolve(self, gm: fx.GraphModule, main: fx.Node, shapes: list[tuple[int, int, int]],
                  n_sites: int) -> PrefixDims:
@@ -280,15 +308,18 @@ class PrefixTuningRule(Rule):
         rw = Rewriter(gm, self.name, att.node, site.module_path, att.kind, adapter=self.adapter_name)
         key_user = att.scores if att.kind == "eager" else att.node
         rw.start_before(key_user)
-        new_key = self._with_prefix(rw, att.key, site.key_row, site.repeat, n, transposed=att.kind == "eager")
+        drop = n if site.fillers else 0
+        new_key = self._with_prefix(rw, att.key, site.key_row, site.repeat, drop, transposed=att.kind == "eager")
         rw.replace_input(key_user, att.key, new_key)
+        if not site.fillers:
+            _extend_masks(rw, att, n, site.module_path)
         rw.start_before(att.node)
-        new_value = self._with_prefix(rw, att.value, site.value_row, site.repeat, n, transposed=False)
+        new_value = self._with_prefix(rw, att.value, site.value_row, site.repeat, drop, transposed=False)
         rw.replace_input(att.node, att.value, new_value)
         return rw.record(layer=site.layer, key_row=site.key_row, value_row=site.value_row, repeat=site.repeat)
 
     def _with_prefix(self, rw: Rewriter, x: fx.Node, row: int, repeat: int, n: int, transposed: bool) -> fx.Node:
-        """cat(prefix row, x without its first n positions) on x's sequence axis.
+        """cat(prefix row, x without its first n positions) on x's sequence axis (n = 0: all of x).
 
         x is [B, H, S, d], or [B, H, d, S] for the key operand of eager attention (``transposed``).
         """
@@ -301,7 +332,7 @@ class PrefixTuningRule(Rule):
         axis = 3 if transposed else 2
         if transposed:
             p = rw.call(aten.transpose.int, p, 2, 3)
-        rest = rw.call(aten.slice.Tensor, x, axis, n, _INT_MAX)
+        rest = rw.call(aten.slice.Tensor, x, axis, n, _INT_MAX) if n else x
         return rw.call(aten.cat.default, [p, rest], axis)
 
     # -- what the engine asks after rewriting ---------------------------------------------------------
@@ -470,11 +501,77 @@ def _site_shape(att: AttentionSite, seq: Any) -> tuple[int, int, int]:
     heads, head_dim = value.shape[1], value.shape[3]
     key_seq = key.shape[3] if att.kind == "eager" else key.shape[2]
     static = isinstance(heads, int) and isinstance(head_dim, int)
-    if not static or not _same(key_seq, seq) or not _same(value.shape[2], seq):
+    if seq is None:         # no token sequence: keys and values need only run along the same axis
+        along = str(key_seq) == str(value.shape[2])
+    else:
+        along = _same(key_seq, seq) and _same(value.shape[2], seq)
+    if not static or not along:
         raise GraphPeftError(f"prefix_tuning: the attention site {where} has keys of shape {tuple(key.shape)}, "
                              f"which do not run along the sequence of the input; prefix tuning cannot put a "
                              f"prefix there")
     return heads, head_dim, _kv_heads(att.value, heads, head_dim)
+
+
+def _four_d(att: AttentionSite) -> bool:
+    vals = [x.meta.get("val") for x in (att.query, att.key, att.value)]
+    return all(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vals)
+
+
+def _refuse_causal(att: AttentionSite) -> None:
+    """SDPA's is_causal aligns the causal mask to the top left when keys are longer than queries."""
+    causal = att.node.kwargs.get("is_causal", att.node.args[5] if len(att.node.args) > 5 else False)
+    if att.kind == "sdpa" and causal:
+        where = module_stack_entry(att.node)[0] or att.node.name
+        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({att.node.target}) is causal "
+                             f"(is_causal=True) and the graph has no token input to offset positions by; "
+                             f"prefix tuning without token inputs needs non-causal attention")
+
+
+def _extend_masks(rw: Rewriter, att: AttentionSite, n: int, where: str) -> None:
+    """The site's mask gets n attended key columns in front: an additive mask 0, a boolean keep-mask True,
+    a masked_fill mask False. A mask broadcast over the keys (last size 1) stays as it is.
+
+    SDPA: its attn_mask. Eager: every tensor combined with the scores between matmul(q, k^T) and softmax."""
+    if att.kind == "sdpa":
+        mask = att.node.args[3] if len(att.node.args) > 3 else att.node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            rw.start_before(att.node)
+            rw.replace_input(att.node, mask, _pad_keys(rw, mask, n, True))
+        return
+    key_len = att.scores.meta["val"].shape[-1] if isinstance(att.scores.meta.get("val"), torch.Tensor) else None
+    chain, node = [], att.node.args[0]
+    while isinstance(node, fx.Node) and node is not att.scores:
+        chain.append(node)
+        node = node.args[0] if node.args else None
+    for op in chain:
+        for arg in op.all_input_nodes:
+            if arg in chain or arg is att.scores:
+                continue
+            val = arg.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dim() == 0 or val.shape[-1] == 1:
+                continue
+            if op.target in (aten.add.Tensor, aten.sub.Tensor):
+                keep = False                        # additive: 0 keeps the prefix column
+            elif op.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+                keep = False                        # True masks out: False keeps
+            elif op.target is aten.where.self and arg is op.args[0]:
+                keep = True                         # True keeps the scores
+            else:
+                raise GraphPeftError(f"prefix_tuning: in the attention site {where}, {op.target} combines the "
+                                     f"scores with a tensor of shape {tuple(val.shape)} that prefix tuning cannot "
+                                     f"extend by {n} key positions")
+            if str(val.shape[-1]) != str(key_len):
+                continue
+            rw.start_before(op)
+            rw.replace_input(op, arg, _pad_keys(rw, arg, n, keep))
+
+
+def _pad_keys(rw: Rewriter, mask: fx.Node, n: int, keep: bool) -> fx.Node:
+    """mask with n columns in front on its last axis that let the prefix through: 0 in a float mask, ``keep``
+    in a boolean one."""
+    val = mask.meta.get("val")
+    fill = keep if isinstance(val, torch.Tensor) and val.dtype == torch.bool else 0.0
+    return rw.call(aten.constant_pad_nd.default, mask, [n, 0], fill)
 
 
 def _kv_heads(x: fx.Node, heads: int, head_dim: int) -> int:

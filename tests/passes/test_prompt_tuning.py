@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import graphpeft
 from graphpeft import cli
 from graphpeft.passes import PromptTuningPass
-from tests.models import (TinySdpaLM, inputs_for, tiny_bart, tiny_bert_cls, tiny_distilbert, tiny_gpt2, tiny_llama,
-                          tiny_vit)
+from tests.models import (MLP, TinySdpaLM, inputs_for, tiny_bart, tiny_bert_cls, tiny_distilbert, tiny_gpt2,
+                          tiny_llama)
 
 ATOL = 1e-5
 V = 4
@@ -218,8 +218,8 @@ def test_bad_config_is_a_one_line_error(fields, match):
 
 
 def test_bad_model_or_tokenizer_is_a_one_line_error(captured, tmp_path):
-    with pytest.raises(graphpeft.NoMatchError, match="no embedding lookup of input_ids"):
-        graphpeft.rewrite(tiny_vit(), graphpeft.PromptTuningConfig(num_virtual_tokens=V))
+    with pytest.raises(graphpeft.NoMatchError, match="no embedding lookup of input_ids"):    # no tokens, no patches
+        graphpeft.rewrite(MLP(), graphpeft.PromptTuningConfig(num_virtual_tokens=V), example_inputs=torch.randn(2, 16))
     _, gm = captured("bert")
     cfg = graphpeft.PromptTuningConfig(num_virtual_tokens=V, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
                                        tokenizer_name_or_path=str(tmp_path / "no-tokenizer-here"))
