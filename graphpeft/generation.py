@@ -45,7 +45,7 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.hoist import hoist_parameter_ops
-from graphpeft.rewriter import EXTRA_INPUTS, copy_graph, get_attr_path
+from graphpeft.rewriter import EXTRA_INPUTS, MODEL_HALF, copy_graph, get_attr_path
 
 _STATE = "_graphpeft_generation"          # GraphPeftModel.__dict__ entry: {key: _Graphs}, plus the proxy
 _BASE_KEY = "\0base"                      # the graphs without any adapter (disable_adapter)
@@ -374,15 +374,21 @@ def _build_seq2seq(source: nn.Module, ids: torch.Tensor, new: torch.Tensor, exam
     else:
         raise GraphPeftError(f"generate() on {type(source).__name__} (input {main!r}) is not supported; text "
                              f"(T5, BART) and speech (Whisper) encoder-decoders are")
-    encoder = rewritten(_export(source, _on(given, example), {}, "Encoder", forward=forward), may_skip=True)
+    encoder = _export(source, _on(given, example), {}, "Encoder", forward=forward)
+    if main == "input_ids":        # the halves of a text encoder-decoder: a rule may give each its own share
+        encoder.meta[MODEL_HALF] = "encoder"
+    encoder = rewritten(encoder, may_skip=True)
     hidden = run(encoder, **given).to(example)
     start = getattr(source.config, "decoder_start_token_id", None) or 0
     decoder = torch.cat([torch.full((_EXAMPLE_BATCH, 1), start, dtype=torch.long), new[:, :1]], dim=1)
     context: dict[str, Any] = dict(encoder_outputs=BaseModelOutput(last_hidden_state=hidden))
     if main == "input_ids":      # Whisper's decoder reads every encoder position (it takes no encoder mask)
         context["attention_mask"] = torch.ones(_EXAMPLE_BATCH, hidden.shape[1], dtype=torch.long).to(example)
-    prefill = rewritten(_export(source, {**context, "decoder_input_ids": _on({"d": decoder}, example)["d"]},
-                                {"use_cache": True}, "Prefill"), may_skip=True)
+    prefill = _export(source, {**context, "decoder_input_ids": _on({"d": decoder}, example)["d"]},
+                      {"use_cache": True}, "Prefill")
+    if main == "input_ids":
+        prefill.meta[MODEL_HALF] = "decoder"
+    prefill = rewritten(prefill, may_skip=True)
     cache = _cache_on(run(prefill, **context, decoder_input_ids=decoder, use_cache=True)["cache"], example)
     step = rewritten(_export(source, {**context, "decoder_input_ids": new[:, :1].to(example), "cache": cache},
                              {"use_cache": True}, "Step"), may_skip=True, rewrite=not adds)
@@ -477,6 +483,9 @@ def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule,
                 raise
             records = []
         keys = {_site_key(r) for r in records}
+        if gm.meta.get(MODEL_HALF) == "decoder":     # the decoder's share of a site anchored in the encoder
+            keys = {k if k in have else next((h for h in sorted(have) if (h[0], h[2]) == (k[0], k[2])), k)
+                    for k in keys}
         if not keys <= have:
             if not may_skip:
                 raise GraphPeftError(f"the generation graph rewrites {sorted(keys - have)[0][1]!r}, which the "

@@ -14,6 +14,8 @@ then, with V = num_virtual_tokens and E the token-embedding module,
 
 With num_transformer_submodules = 2 (task_type SEQ_2_SEQ_LM) the decoder sequence gets the other
 V rows the same way (decoder mask extended, labels padded with -100), as PEFT's seq2seq forward does.
+Generation captures the encoder and the decoder apart (graph meta ``MODEL_HALF``): the encoder graph
+gets the first V rows, the decoder graph the other V (none with num_transformer_submodules = 1).
 
 before:                                    after:
     input_ids ─ embedding(W) ─ h ─ ...         input_ids ─ cat(0…) ─ embedding(W) ─ h ─ slice(V:) ──┐
@@ -44,10 +46,10 @@ import torch
 import torch.fx as fx
 
 from graphpeft.config import PromptLearningConfig
-from graphpeft.errors import GraphPeftError
+from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter
+from graphpeft.rewriter import MODEL_HALF, Rewriter
 from graphpeft.rule import RulePass
 from graphpeft.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, initial_table,
                                       model_dims, replace_leading_rows, token_lookup)
@@ -116,35 +118,42 @@ class MultitaskPromptTuningRule(TokenLookupRule):
     def rewrite(self, gm: fx.GraphModule, lookup: TokenLookup) -> Rewrite:
         cfg, name = self.config, self.adapter_name
         n, total = cfg.num_virtual_tokens, cfg.total_virtual_tokens()
-        decoder = None
-        if total // n == 2 and lookup.ids is not None and str(lookup.ids.target) != "decoder_input_ids":   # not Whisper's decoder, not patches
+        decoder, half = None, gm.meta.get(MODEL_HALF)
+        if half == "decoder":          # generation's decoder graph: it has the decoder's share, if any
+            if total // n != 2:
+                raise NoMatchError(f"{self.name}: num_transformer_submodules=1 puts no tokens before the decoder")
+            lookup, decoder = None, lookup
+        elif total // n == 2 and half is None and lookup.ids is not None \
+                and str(lookup.ids.target) != "decoder_input_ids":   # not Whisper's decoder, not patches
             decoder = token_lookup(gm, "decoder_input_ids")
             if decoder is None:
                 raise GraphPeftError(f"{self.name}: num_transformer_submodules=2 (task_type SEQ_2_SEQ_LM) puts tokens "
                                      f"before the decoder input too, but the graph has no decoder_input_ids lookup; "
                                      f"set num_transformer_submodules=1")
-        table, cols, rows = self._initial_weights(gm, lookup, total)
+        anchor = lookup or decoder
+        table, cols, rows = self._initial_weights(gm, anchor, total)
         base = f"prompt_encoder.{name}"
-        rw = Rewriter(gm, self.name, lookup.node, lookup.module_path, "embedding", adapter=name)
+        rw = Rewriter(gm, self.name, anchor.node, anchor.module_path, "embedding", adapter=name)
         table_attr = rw.add_parameter(f"{base}.embedding.weight", table, "prompt_embeddings")
         cols_attr = rw.add_parameter(f"{base}.prefix_task_cols", cols, "prefix_task_cols")
         rows_attr = rw.add_parameter(f"{base}.prefix_task_rows", rows, "prefix_task_rows")
         task_ids = rw.add_input("task_ids", f"{self.name} needs task_ids=LongTensor[batch] (ids 0 .. {cfg.num_tasks - 1}) "
                                             f"in every call: pass task_ids=...",
                                 functools.partial(_check_task_ids, cfg.num_tasks))
-        extend_sequence(rw, lookup, n)
-        if decoder is not None:
-            extend_sequence(rw, decoder, n)
+        for sequence in (lookup, decoder):
+            if sequence is not None:
+                extend_sequence(rw, sequence, n)
         task_cols = rw.call(aten.index_select.default, rw.get_param(cols_attr), 0, task_ids)    # [B, T, r]
         task_rows = rw.call(aten.index_select.default, rw.get_param(rows_attr), 0, task_ids)    # [B, r, H]
         task_prompts = rw.call(aten.matmul.default, task_cols, task_rows)                       # [B, T, H]
         prompts = rw.call(aten.mul.Tensor, rw.get_param(table_attr), task_prompts)               # [B, T, H]
-        first = rw.call(aten.slice.Tensor, prompts, 1, 0, n) if total != n else prompts
-        replace_leading_rows(rw, lookup, first, n, batched=True)
+        if lookup is not None:
+            first = rw.call(aten.slice.Tensor, prompts, 1, 0, n) if total != n else prompts
+            replace_leading_rows(rw, lookup, first, n, batched=True)
         if decoder is not None:
             second = rw.call(aten.slice.Tensor, prompts, 1, n, 2 * n)
             replace_leading_rows(rw, decoder, second, n, batched=True)
-        return rw.record(num_virtual_tokens=n, token_dim=lookup.dim, num_transformer_submodules=total // n,
+        return rw.record(num_virtual_tokens=n, token_dim=anchor.dim, num_transformer_submodules=total // n,
                          num_tasks=cfg.num_tasks, num_ranks=cfg.num_ranks, **model_dims(gm))
 
     def _initial_weights(self, gm: fx.GraphModule, lookup: TokenLookup,

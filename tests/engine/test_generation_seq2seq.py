@@ -31,8 +31,10 @@ CASES = {
     "t5-adalora": (tiny_t5, lambda: graphpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=QV)),
     "t5-prompt-tuning": (tiny_t5, lambda: graphpeft.PromptTuningConfig(**SEQ2SEQ)),
     "bart-p-tuning": (tiny_bart, lambda: graphpeft.PromptEncoderConfig(encoder_hidden_size=16, **SEQ2SEQ)),
-    "t5-multitask": (tiny_t5, lambda: graphpeft.MultitaskPromptTuningConfig(num_tasks=3, num_ranks=1,
-                                                                            num_transformer_submodules=1, **SEQ2SEQ)),
+    # SEQ_2_SEQ_LM's default, num_transformer_submodules=2: task prompts before the encoder and the decoder input
+    "t5-multitask": (tiny_t5, lambda: graphpeft.MultitaskPromptTuningConfig(num_tasks=3, num_ranks=1, **SEQ2SEQ)),
+    "bart-multitask-encoder-only": (tiny_bart, lambda: graphpeft.MultitaskPromptTuningConfig(
+        num_tasks=3, num_ranks=1, num_transformer_submodules=1, **SEQ2SEQ)),
     "t5-prefix": (tiny_t5, lambda: graphpeft.PrefixTuningConfig(**SEQ2SEQ)),
     "bart-prefix": (tiny_bart, lambda: graphpeft.PrefixTuningConfig(prefix_projection=True, **SEQ2SEQ)),
     "whisper-lora": (tiny_whisper, lambda: graphpeft.LoraConfig(target_modules=QV + ["fc1"])),
@@ -68,7 +70,7 @@ def _greedy_by_full_forwards(model, prompts, start, steps, **extra):
     return decoder, logits
 
 
-QUICK = {"t5-lora", "bart-prefix", "whisper-ia3"}   # the default run: one case per model; the rest slow
+QUICK = {"t5-lora", "bart-prefix", "whisper-ia3", "t5-multitask"}   # the default run: one case per model; the rest slow
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in sorted(CASES)])
