@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -188,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", help="also write the cells to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)     # torch's pytree deprecation, once per copy
     groups = {"all": list(G.ARCHS), "14": list(G.GRID_14), "more": list(G.GRID_MORE)}
     archs = groups.get(args.archs) or [a.strip() for a in args.archs.split(",") if a.strip()]
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
