@@ -101,7 +101,8 @@ tiny_marian = _builder("MarianConfig", "MarianMTModel", {**_S2S, "pad_token_id":
                        "decoder_vocab_size": VOCAB}, "sinusoidal positions, post-norm")
 tiny_deit = _builder("DeiTConfig", "DeiTForImageClassification", _VISION, "class token + distillation token")
 tiny_swin = _builder("SwinConfig", "SwinForImageClassification", dict(image_size=IMAGE, patch_size=2, num_channels=3,
-                     embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3),
+                     embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3,
+                     drop_path_rate=0.0),   # stochastic depth's draw stays in a captured graph in eval mode
                      "shifted windows, patch merging")
 tiny_wav2vec2 = _builder("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", _AUDIO,
                          "raw audio, convolutional feature encoder")
