@@ -154,9 +154,9 @@ def _loss(kind: str, fn: Any, logits: torch.Tensor, labels: torch.Tensor, config
         return (fn or ForSequenceClassificationLoss)(labels, logits, config, **kw)
     if kind == "token" and fn is not None:
         return fn(logits, labels, config, **kw)
+    if kind == "audio" and fn is not None:           # AST: the sequence-classification loss
+        return fn(labels, logits, config, **kw)
     if kind in ("audio", "token"):
-        if fn is not None:
-            return fn(labels, logits, config, **kw)
         return ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     if kind == "multiple_choice":
         return ce(logits, labels)

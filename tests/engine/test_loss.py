@@ -141,3 +141,21 @@ def test_wrong_or_missing_targets_are_one_line_errors():
         from tests.models import tiny_bert
         bare = tiny_bert()
         graphpeft.CapturedModel(graphpeft.capture(bare))(**G.batch_for(bare), labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("model_class, kind", [
+    ("T5ForConditionalGeneration", "seq2seq"), ("BartForConditionalGeneration", "seq2seq"),   # also a masked-LM class
+    ("WhisperForConditionalGeneration", "seq2seq"), ("GPT2LMHeadModel", "causal"), ("BertForMaskedLM", "masked"),
+    ("ViTForImageClassification", "sequence"), ("Wav2Vec2ForSequenceClassification", "audio"),
+    ("BertForMultipleChoice", "multiple_choice"), ("LlamaForQuestionAnswering", "question"), ("BertModel", None),
+])
+def test_head_kind_comes_from_transformers_auto_mappings(model_class, kind):
+    from graphpeft.losses import head_kind
+    assert head_kind(model_class, None) == kind
+
+
+def test_a_class_no_mapping_names_falls_back_on_its_loss_type():
+    from graphpeft.losses import head_kind
+    assert head_kind("MyOwnForCausalLM", "ForCausalLM") == "causal"
+    assert head_kind("MyOwnSeq2Seq", "ForConditionalGeneration", is_encoder_decoder=True) == "seq2seq"
+    assert head_kind("MyOwnModel", None) is None
