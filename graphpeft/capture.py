@@ -122,11 +122,20 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as exc:  # torch raises many types; the reason is what matters to the user
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = "pass example inputs that the model accepts (example_inputs=dict of keyword arguments)"
-            if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager":
+            main = getattr(model, "main_input_name", None)
+            hint = ("pass example inputs that the model accepts (example_inputs=dict of keyword arguments"
+                    + (f", with its main input {main!r})" if main else ")"))
+            if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager" \
+                    and any(name.endswith("experts") for name, _ in model.named_modules()):
                 # transformers' eager MoE loops over the experts a batch hits: a data-dependent loop
                 hint = ("load the model with experts_implementation='batched_mm' (its eager mixture-of-experts "
                         "loop is data-dependent), or " + hint)
+            config = getattr(model, "config", None)
+            if (getattr(config, "layerdrop", 0) or 0) > 0 or (getattr(config, "apply_spec_augment", False)
+                                                            and (getattr(config, "mask_time_prob", 0) or 0) > 0):
+                # wav2vec2-like: a random number drawn in train mode decides which layers and frames run
+                hint = ("load the model with layerdrop=0.0 and apply_spec_augment=False (LayerDrop and SpecAugment "
+                        "draw random numbers in train mode that steer the model's Python code), or " + hint)
             raise CaptureError(
                 f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: {reason[:300]} "
                 f"-- {hint}"
@@ -197,7 +206,14 @@ def _hf_constants(model: nn.Module) -> dict:
 
 
 def synthesize_inputs(model: nn.Module, batch: int = _EXAMPLE_BATCH, seq: int = _EXAMPLE_SEQ) -> dict:
-    """Example inputs for a Hugging Face model, read off its config and forward signature."""
+    """Example inputs for a Hugging Face model, read off its config and forward signature.
+
+    By the model's main input: token ids [batch, seq] (multiple-choice heads: [batch, 2, seq]) with the
+    attention mask and token types its forward takes; ``pixel_values`` [batch, channels, size, size];
+    ``input_values`` (raw audio, wav2vec2 / HuBERT) long enough for ``seq`` frames after the feature
+    encoder's convolutions; ``input_features`` as Whisper ([batch, mel, 2 * max_source_positions]) or
+    Speech2Text ([batch, 4 * seq, features]) take them; encoder-decoders also get ``decoder_input_ids``.
+    """
     config = getattr(model, "config", None)
     params = _signature(model).parameters if _signature(model) else {}
     main = getattr(model, "main_input_name", "input_ids")
@@ -205,19 +221,27 @@ def synthesize_inputs(model: nn.Module, batch: int = _EXAMPLE_BATCH, seq: int = 
     inputs: dict[str, torch.Tensor] = {}
     if main == "input_ids":
         vocab = _text_config_value(config, "vocab_size") or 2
-        inputs["input_ids"] = torch.randint(0, int(vocab), (batch, seq), generator=gen)
+        shape = (batch, 2, seq) if _is_multiple_choice(model) else (batch, seq)
+        inputs["input_ids"] = torch.randint(0, int(vocab), shape, generator=gen)
         if "attention_mask" in params:
-            inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+            inputs["attention_mask"] = torch.ones(shape, dtype=torch.long)
         if "token_type_ids" in params and (_text_config_value(config, "type_vocab_size") or 0) > 0:
-            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)  # tokenizers return them
+            inputs["token_type_ids"] = torch.zeros(shape, dtype=torch.long)  # tokenizers return them
     elif main == "pixel_values":
         size = _as_pair(getattr(config, "image_size", 224))
         channels = getattr(config, "num_channels", 3)
         inputs["pixel_values"] = torch.randn(batch, channels, *size, generator=gen)
-    elif main == "input_features":
-        mel = getattr(config, "num_mel_bins", 80)
+    elif main == "input_values":
+        inputs["input_values"] = torch.randn(batch, _audio_samples(config, seq), generator=gen)
+    elif main == "input_features" and getattr(config, "num_mel_bins", None):
+        mel = config.num_mel_bins
         frames = 2 * getattr(config, "max_source_positions", 1500)
         inputs["input_features"] = torch.randn(batch, mel, frames, generator=gen)
+    elif main == "input_features" and getattr(config, "input_feat_per_channel", None):
+        features = config.input_feat_per_channel * getattr(config, "input_channels", 1)
+        inputs["input_features"] = torch.randn(batch, 4 * seq, features, generator=gen)
+        if "attention_mask" in params:
+            inputs["attention_mask"] = torch.ones(batch, 4 * seq, dtype=torch.long)
     else:
         raise CaptureError(f"cannot synthesize example inputs for {type(model).__name__} (main input "
                            f"{main!r}); pass example_inputs=dict of keyword arguments")
@@ -228,6 +252,20 @@ def synthesize_inputs(model: nn.Module, batch: int = _EXAMPLE_BATCH, seq: int = 
     if device is not None and device.type != "meta":      # capture where the model lives (cuda:N, ...)
         inputs = {k: v.to(device) for k, v in inputs.items()}
     return inputs
+
+
+def _is_multiple_choice(model: nn.Module) -> bool:
+    from graphpeft.losses import head_kind
+
+    return head_kind(type(model).__name__, getattr(model, "loss_type", None)) == "multiple_choice"
+
+
+def _audio_samples(config: Any, frames: int) -> int:
+    """Raw-audio length whose feature-encoder convolutions (kernel k, stride s each) give ``frames`` frames."""
+    length = frames
+    for kernel, stride in reversed(list(zip(getattr(config, "conv_kernel", ()), getattr(config, "conv_stride", ())))):
+        length = (length - 1) * stride + kernel
+    return length
 
 
 def _text_config_value(config: Any, name: str) -> Any:

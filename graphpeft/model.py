@@ -2,7 +2,7 @@
 
 ``CapturedModel`` calls a captured graph with the original model's arguments and returns the same
 output type (for Hugging Face models a ModelOutput, with ``.loss`` when ``labels`` are given: the
-loss is computed outside the graph with the model's own transformers loss function).
+loss is computed outside the graph as the model's own transformers class computes it: graphpeft.losses).
 ``GraphPeftModel`` adds what an adapter needs: trainable-parameter report, save, merge, disable.
 
 Several adapters, as PEFT has them (``add_adapter``, ``set_adapter``, ``load_adapter``): each adapter
@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft import registry
+from graphpeft import losses, registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError
 from graphpeft.result import Rewrite
@@ -80,10 +80,11 @@ class CapturedModel(nn.Module):
         if info is None or info.mode != "export" or info.signature is None:
             return gm(*args, **kwargs, **extras)
         values = _bind(info, args, kwargs)
-        labels = values.pop("labels", None) if "labels" not in info.input_names else None
-        if labels is not None and not info.loss_type:
-            raise GraphPeftError(f"labels were given, but graphpeft knows no loss for {info.model_class}; "
-                                 f"call without labels and compute the loss from the outputs")
+        targets = {name: values.pop(name) for name in losses.TARGETS
+                   if name not in info.input_names and values.get(name) is not None}
+        if targets:
+            losses.check_targets(targets, info)
+        labels = targets.get("labels")
         for name in _IGNORED_ARGS:
             values.pop(name, None)
         for name in _REFUSED_FLAGS:
@@ -94,9 +95,9 @@ class CapturedModel(nn.Module):
         if unknown:
             raise GraphPeftError(f"argument {unknown[0]!r} was not part of the captured graph (inputs: "
                                  f"{', '.join(info.input_names)}); pass it in example_inputs when rewriting")
-        if labels is not None and _is_encoder_decoder(info) and "decoder_input_ids" in info.input_names \
+        if labels is not None and losses.is_encoder_decoder(info) and "decoder_input_ids" in info.input_names \
                 and values.get("decoder_input_ids") is None and values.get("decoder_inputs_embeds") is None:
-            values["decoder_input_ids"] = _decoder_inputs_from_labels(labels, info)
+            values["decoder_input_ids"] = losses.decoder_inputs_from_labels(labels, info)
         for name in info.input_names:
             if name not in values:
                 values[name] = _default_input(name, values, info.input_names)
@@ -109,8 +110,10 @@ class CapturedModel(nn.Module):
                 raise
             raise GraphPeftError(f"inputs do not fit the shapes the graph was captured for ({exc}); "
                                  f"rewrite with example_inputs of the shapes you need") from None
-        if labels is not None:
-            out = _with_loss(out, labels, info, loss_kwargs)
+        if targets:
+            main = values.get(info.main_input_name, values.get("inputs_embeds"))
+            length = main.shape[1] if isinstance(main, torch.Tensor) and main.dim() >= 2 else None
+            out = losses.with_loss(out, targets, info, length, loss_kwargs)
         return out
 
 
@@ -150,61 +153,6 @@ def _default_input(name: str, values: dict, expected: tuple[str, ...]) -> torch.
     given = ", ".join(sorted(values)) or "none"
     raise GraphPeftError(f"missing input {name!r}: the graph was captured with inputs {', '.join(expected)} "
                          f"(given: {given}); pass {name}=... (in a data set, a column named {name})")
-
-
-def _with_loss(out: Any, labels: torch.Tensor, info: CaptureInfo, loss_kwargs: Optional[dict] = None) -> Any:
-    """The loss the model's own class computes from these logits and labels.
-
-    ``loss_kwargs`` (``num_items_in_batch`` from transformers' Trainer under gradient accumulation) reach
-    the causal-LM loss, which sums and divides by them, as the model classes pass their ``**kwargs`` on.
-    """
-    from transformers.loss.loss_utils import LOSS_MAPPING
-
-    logits = out["logits"] if isinstance(out, dict) else out[0]
-    fn, config = LOSS_MAPPING.get(info.loss_type), info.hf_config
-    if info.loss_type != "ForSequenceClassification" and logits.dim() == 3 and logits.shape[1] > labels.shape[1]:
-        # tokens were prepended inside the graph (virtual tokens): they are never predicted
-        pad = labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100)
-        labels = torch.cat([pad, labels], dim=1)
-    if _is_encoder_decoder(info) and logits.dim() == 3:
-        # T5, BART, Whisper: labels are the decoder's targets at the same positions (no shift)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
-                                           ignore_index=-100)
-        return _replace_loss(out, loss)
-    if fn is None:
-        raise GraphPeftError(f"no loss for {info.model_class} (loss_type {info.loss_type!r}); compute it from .logits")
-    if info.loss_type == "ForSequenceClassification":
-        loss = fn(labels, logits, config)
-    elif info.loss_type in ("ForTokenClassification",):
-        loss = fn(logits, labels, config)
-    else:
-        vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
-        extra = (loss_kwargs or {}) if info.loss_type == "ForCausalLM" else {}
-        loss = fn(logits=logits, labels=labels, vocab_size=vocab, **extra)
-    return _replace_loss(out, loss)
-
-
-def _replace_loss(out: Any, loss: torch.Tensor) -> Any:
-    if isinstance(out, dict):
-        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
-    return (loss, *out)
-
-
-def _is_encoder_decoder(info: CaptureInfo) -> bool:
-    return bool(getattr(info.hf_config, "is_encoder_decoder", False))
-
-
-def _decoder_inputs_from_labels(labels: torch.Tensor, info: CaptureInfo) -> torch.Tensor:
-    """What T5 and BART do when only labels are given: shift right, start token first, -100 -> pad."""
-    config = info.hf_config
-    start = getattr(config, "decoder_start_token_id", None)
-    pad = getattr(config, "pad_token_id", None)
-    if start is None or pad is None:
-        raise GraphPeftError(f"{info.model_class} has no decoder_start_token_id/pad_token_id in its config; "
-                             f"pass decoder_input_ids with the labels")
-    shifted = labels.new_full(labels.shape, start)
-    shifted[:, 1:] = labels[:, :-1]
-    return shifted.masked_fill(shifted == -100, pad)
 
 
 class GraphPeftModel(CapturedModel):
