@@ -123,7 +123,7 @@ def _int8_bnb(layer: nn.Module) -> nn.Module:
 def _int8_torchao(layer: nn.Linear, path: str) -> nn.Module:
     w = layer.weight
     per_row = list(getattr(w, "block_size", [])) == [1, w.qdata.shape[-1]]
-    plain = all(getattr(w, name, None) is None for name in ("act_quant_kwargs", "act_pre_scale", "zero_point"))
+    plain = all(getattr(w, name, None) is None for name in ("act_quant_kwargs", "act_pre_scale"))   # the weight-only path ignores zero_point
     if not (per_row and plain):
         raise GraphPeftError(f"{path}: only torchao int8 weight-only with one scale per row "
                              f"(Int8WeightOnlyConfig()) is supported as a quantized base, got {type(w).__name__} "
@@ -218,3 +218,22 @@ def load_quantized(auto_class: Any, name: str, quantize: str, **kwargs: Any) -> 
                                     bnb_4bit_compute_dtype=kwargs.get("dtype") or torch.float32)
     kwargs.setdefault("device_map", "cpu")
     return auto_class.from_pretrained(name, quantization_config=config, **kwargs)
+
+
+# -- merging --------------------------------------------------------------------------------------
+
+def refuse_merge(gm: nn.Module, records: Any) -> None:
+    """Merging into a quantized weight is refused (one line): W + s B A does not fit the packed storage."""
+    from graphpeft.rewriter import get_attr_path
+
+    for rec in records:
+        name = (getattr(rec, "info", None) or {}).get("weight")
+        try:
+            weight = get_attr_path(gm, name) if name else None
+        except AttributeError:
+            continue
+        if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+            raise GraphPeftError(
+                f"cannot merge into {rec.module_path}: its base weight is stored quantized ({weight.dtype}); load the "
+                f"base model unquantized, graphpeft.from_pretrained(model, adapter_dir), and merge there (the adapter "
+                f"files are the same), or keep the adapter model as it is")
