@@ -42,9 +42,10 @@ def ids():
 
 
 def _load(folder, kind, auto=AutoModelForCausalLM, **kwargs):
-    if kind == "nf4-dq":
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
+    if kind in ("nf4-dq", "nf4-keep-head"):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                    bnb_4bit_use_double_quant=kind == "nf4-dq",
+                                    llm_int8_skip_modules=["classifier"])     # a classifier head to train in float
         return auto.from_pretrained(folder, quantization_config=config, device_map="cpu", **kwargs)
     if kind is None:
         return auto.from_pretrained(folder, **kwargs)
@@ -120,16 +121,15 @@ def test_other_methods_on_nf4_match_peft(method, llama_dir, ids, tmp_path):
     if method == "ia3":
         fields = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                       init_ia3_weights=False)
-        ours_cfg, peft_cfg = graphpeft.IA3Config(**fields), peft.IA3Config(**fields)
+        config = graphpeft.IA3Config(**fields)
     else:
-        fields = dict(target_modules=["q_proj", "v_proj"], init_r=4, total_step=10, init_lora_weights=False)
-        ours_cfg, peft_cfg = graphpeft.AdaLoraConfig(**fields), peft.AdaLoraConfig(**fields)
+        fields = dict(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10, init_lora_weights=False)
+        config = graphpeft.AdaLoraConfig(**fields)
     torch.manual_seed(4)
-    gm = graphpeft.rewrite(_load(llama_dir, "nf4"), ours_cfg)
+    gm = graphpeft.rewrite(_load(llama_dir, "nf4"), config)
     gm.save_pretrained(tmp_path)
     pm = peft.PeftModel.from_pretrained(_load(llama_dir, "nf4"), str(tmp_path))
     torch.testing.assert_close(_logits(gm, ids), _logits(pm, ids), atol=ATOL, rtol=0)
-    del peft_cfg
 
 
 def test_encoder_classifier_on_nf4_matches_peft(tmp_path, ids):
@@ -137,10 +137,11 @@ def test_encoder_classifier_on_nf4_matches_peft(tmp_path, ids):
     tiny_bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(folder)
     fields = dict(task_type="SEQ_CLS", target_modules=["query", "value"], r=4, init_lora_weights=False)
     torch.manual_seed(5)
-    gm = graphpeft.rewrite(_load(str(folder), "nf4", AutoModelForSequenceClassification), graphpeft.LoraConfig(**fields))
+    base = _load(str(folder), "nf4-keep-head", AutoModelForSequenceClassification)
+    gm = graphpeft.rewrite(base, graphpeft.LoraConfig(**fields))
     labels = torch.tensor([0, 1])
     gm.save_pretrained(tmp_path / "adapter")
-    pm = peft.PeftModel.from_pretrained(_load(str(folder), "nf4", AutoModelForSequenceClassification),
+    pm = peft.PeftModel.from_pretrained(_load(str(folder), "nf4-keep-head", AutoModelForSequenceClassification),
                                         str(tmp_path / "adapter"), is_trainable=True)
     torch.testing.assert_close(_logits(gm, ids), _logits(pm, ids), atol=ATOL, rtol=0)
     torch.testing.assert_close(_grads_step(gm, ids, labels=labels), _grads_step(pm, ids, labels=labels),
