@@ -116,15 +116,17 @@ def test_graphpeft_adapter_from_float_base_loads_on_quantized_base(llama_dir, id
     torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["ia3", "adalora"])
+@pytest.mark.parametrize("method", ["ia3", "adalora", "prefix_tuning"])
 def test_other_methods_on_nf4_match_peft(method, llama_dir, ids, tmp_path):
     if method == "ia3":
         fields = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                       init_ia3_weights=False)
         config = graphpeft.IA3Config(**fields)
-    else:
+    elif method == "adalora":
         fields = dict(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10, init_lora_weights=False)
         config = graphpeft.AdaLoraConfig(**fields)
+    else:       # a prompt-learning method: the quantized linears are only run, not adapted
+        config = graphpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     torch.manual_seed(4)
     gm = graphpeft.rewrite(_load(llama_dir, "nf4"), config)
     gm.save_pretrained(tmp_path)
