@@ -194,7 +194,49 @@ def stand_in_type(module: nn.Module) -> bool:
     return type(module) is nn.Linear and type(module.weight).__module__.startswith("torchao")
 
 
-# -- loading a checkpoint quantized (the command line's --quantize) ---------------------------------
+# -- quantizing a base (the command line's --quantize) ---------------------------------------------
+
+def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Quantize ``model``'s nn.Linear layers in place (``QUANTIZE_CHOICES``), as transformers' loaders do.
+
+    The output head (``get_output_embeddings()``) stays in float, as transformers leaves it. bitsandbytes layers
+    are quantized on the CPU (``nf4``/``fp4``: blocksize 64, no double quantization; ``int8``: threshold 6.0).
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise GraphPeftError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep = (lambda m: type(m) is nn.Linear and m is not head and m.weight.is_floating_point())
+    if quantize == "torchao-int8":
+        require("torchao")
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: keep(m))
+        return model
+    require("bitsandbytes")
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not keep(child):
+                continue
+            weight, bias = child.weight.detach().to("cpu"), child.bias
+            if quantize == "int8":
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias is not None,
+                                            has_fp16_weights=False, threshold=6.0, device="meta")
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias is not None,
+                                          compute_dtype=compute_dtype, quant_type=quantize, device="meta")
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quantize, module=layer,
+                                                 compress_statistics=False)     # as BitsAndBytesConfig's default
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach().to("cpu"), requires_grad=False)
+            layer.train(child.training)
+            setattr(parent, name, layer.to("cpu"))      # bitsandbytes quantizes when the weight moves to a device
+    return model
+
+
+# -- loading a checkpoint quantized -----------------------------------------------------------------
 
 def load_quantized(auto_class: Any, name: str, quantize: str, **kwargs: Any) -> nn.Module:
     """``auto_class.from_pretrained(name)`` with its linear layers quantized (``QUANTIZE_CHOICES``)."""
