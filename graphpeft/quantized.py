@@ -45,6 +45,11 @@ def require(library: str) -> None:
                              f"(bitsandbytes and torchao)")
 
 
+def require_for(quantize: str) -> None:
+    """The library a ``--quantize`` choice needs, or the one-line error naming the extra."""
+    require("torchao" if quantize == "torchao-int8" else "bitsandbytes")
+
+
 # -- stand-ins ------------------------------------------------------------------------------------
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -196,16 +201,22 @@ def stand_in_type(module: nn.Module) -> bool:
 
 # -- quantizing a base (the command line's --quantize) ---------------------------------------------
 
+# task heads stay in float: a classifier is trained whole (modules_to_save), and transformers keeps the LM head
+_HEADS = {"classifier", "score", "qa_outputs", "lm_head"}
+
+
 def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Quantize ``model``'s nn.Linear layers in place (``QUANTIZE_CHOICES``), as transformers' loaders do.
 
-    The output head (``get_output_embeddings()``) stays in float, as transformers leaves it. bitsandbytes layers
+    The output head (``get_output_embeddings()``) and task heads (``classifier``, ``score``, ``qa_outputs``) stay
+    in float: transformers leaves the first unquantized, and a classifier head is trained whole. bitsandbytes layers
     are quantized on the CPU (``nf4``/``fp4``: blocksize 64, no double quantization; ``int8``: threshold 6.0).
     """
     if quantize not in QUANTIZE_CHOICES:
         raise GraphPeftError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    keep = (lambda m: type(m) is nn.Linear and m is not head and m.weight.is_floating_point())
+    heads = {id(m) for name, m in model.named_modules() if name.rpartition(".")[2] in _HEADS} | {id(head)}
+    keep = (lambda m: type(m) is nn.Linear and id(m) not in heads and m.weight.is_floating_point())
     if quantize == "torchao-int8":
         require("torchao")
         from torchao.quantization import Int8WeightOnlyConfig, quantize_

@@ -73,7 +73,11 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "fp4", "int8", "torchao-int8"])
+SLOW = pytest.mark.slow      # the default run keeps one case of each library and method family (~60 s)
+
+
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("nf4-dq", marks=SLOW), pytest.param("fp4", marks=SLOW), "int8",
+                                  "torchao-int8"])
 def test_lora_on_quantized_llama_matches_peft(kind, llama_dir, ids, tmp_path):
     torch.manual_seed(1)
     gm = graphpeft.rewrite(_load(llama_dir, kind), graphpeft.LoraConfig(**LORA))
@@ -106,6 +110,7 @@ def test_peft_adapter_from_quantized_base_loads_on_both_bases(llama_dir, ids, tm
         torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
 
 
+@SLOW
 def test_graphpeft_adapter_from_float_base_loads_on_quantized_base(llama_dir, ids, tmp_path):
     torch.manual_seed(3)
     gm = graphpeft.rewrite(_load(llama_dir, None), graphpeft.LoraConfig(**LORA))
@@ -116,7 +121,8 @@ def test_graphpeft_adapter_from_float_base_loads_on_quantized_base(llama_dir, id
     torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["ia3", "adalora", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["ia3", pytest.param("adalora", marks=SLOW),
+                                    pytest.param("prefix_tuning", marks=SLOW)])
 def test_other_methods_on_nf4_match_peft(method, llama_dir, ids, tmp_path):
     if method == "ia3":
         fields = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
@@ -169,3 +175,66 @@ def test_missing_library_names_the_extra(monkeypatch, llama_dir):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(GraphPeftError, match=re.escape("graphpeft[quant]")):
         load_quantized(AutoModelForCausalLM, llama_dir, "nf4")
+
+
+# -- the command line: --quantize -------------------------------------------------------------------
+
+def _cli(capsys, *argv):
+    from graphpeft import cli
+
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _cli_inputs():
+    return {"input_ids": torch.randint(5, 200, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+
+def test_cli_rewrite_quantize_nf4_writes_an_adapter_peft_loads_on_the_same_base(tiny_llama_dir, tmp_path, capsys):
+    from graphpeft.quantized import quantize_model
+
+    out = tmp_path / "out"
+    code, stdout, err = _cli(capsys, "rewrite", tiny_llama_dir, "-o", out, "--targets", "q_proj", "v_proj",
+                             "--quantize", "nf4")
+    assert code == 0, err
+    report = __import__("json").loads((out / "rewrite.json").read_text())
+    assert report["counts"]["rewritten_sites"] == 4
+    # the same base as the command line's: loaded in float, quantized in place; the adapter given non-zero B
+    from safetensors.torch import load_file, save_file
+
+    weights = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) if "lora_B" in k else v
+               for k, v in load_file(out / "adapter_model.safetensors").items()}
+    save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    base = lambda: quantize_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "nf4")  # noqa: E731
+    inputs = _cli_inputs()
+    ours, theirs = graphpeft.from_pretrained(base(), str(out)), peft.PeftModel.from_pretrained(base(), str(out))
+    plain = base().train()
+    with torch.no_grad():
+        got, want = ours.train()(**inputs).logits, theirs.train()(**inputs).logits
+        assert (got - plain(**inputs).logits).abs().max() > 1e-3       # the adapter changes the outputs
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", pytest.param("int8", marks=SLOW), pytest.param("torchao-int8", marks=SLOW)])
+def test_cli_train_quantize(quantize, tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(__import__("json").dumps({"text": f"the cat sat on mat number {i}"}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "out"
+    code, stdout, err = _cli(capsys, "train", out, tiny_llama_dir, "--data", data, "--epochs", "1", "--batch-size", "4",
+                             "--targets", "q_proj", "v_proj", "--quantize", quantize)
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert len(b) == 4 and all(v.abs().max() > 0 for v in b)          # B starts at zero: the steps trained it
+
+
+def test_cli_quantize_without_the_library_is_one_line(monkeypatch, tiny_llama_dir, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    code, stdout, err = _cli(capsys, "rewrite", tiny_llama_dir, "-o", tmp_path / "out", "--quantize", "torchao-int8")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "graphpeft[quant]" in err and "torchao" in err
+    assert not (tmp_path / "out").exists()
