@@ -185,20 +185,6 @@ def capturable(model: nn.Module) -> Iterator[int]:
             setattr(parent, name, child)
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` has layers that capture swaps for quantized stand-ins."""
-    if "bitsandbytes" not in sys.modules and "torchao" not in sys.modules:
-        return False
-    return any(stand_in_type(m) for m in model.modules())
-
-
-def stand_in_type(module: nn.Module) -> bool:
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-        return True
-    return type(module) is nn.Linear and type(module.weight).__module__.startswith("torchao")
-
-
 # -- quantizing a base (the command line's --quantize) ---------------------------------------------
 
 # task heads stay in float: a classifier is trained whole (modules_to_save), and transformers keeps the LM head
