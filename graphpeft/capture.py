@@ -67,7 +67,8 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
         return model
     hf = is_hf_model(model)
     if example_inputs is None and not hf:
-        return _symbolic_trace(model)
+        with capturable(model):
+            return _symbolic_trace(model)
     args, kwargs = _split_inputs(example_inputs if example_inputs is not None else synthesize_inputs(model))
     if hf:
         kwargs = {**_hf_constants(model), **kwargs}

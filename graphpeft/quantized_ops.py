@@ -132,6 +132,7 @@ def _backward_int8(ctx, grad):
 
 linear_int8.register_autograd(_backward_int8, setup_context=_setup_int8)
 
-# in_features, out_features are the last two arguments of both ops
-register_quantized_linear(torch.ops.graphpeft.linear_4bit.default, 10, 11)
-register_quantized_linear(torch.ops.graphpeft.linear_int8.default, 5, 6)
+# in_features, out_features are the last two arguments of both ops (torch.fx's symbolic trace records the packet)
+for _op, _features in ((torch.ops.graphpeft.linear_4bit, (10, 11)), (torch.ops.graphpeft.linear_int8, (5, 6))):
+    register_quantized_linear(_op.default, *_features)
+    register_quantized_linear(_op, *_features)

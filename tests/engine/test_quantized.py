@@ -252,3 +252,30 @@ def test_generate_on_nf4_base_gives_peft_tokens(llama_dir, tmp_path):
     ours = gm.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
     theirs = pm.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
     assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "torchao-int8"])
+def test_plain_module_traced_without_example_inputs(kind):
+    """torch.fx's symbolic trace (no example inputs) swaps the quantized layers as torch.export does."""
+    import copy
+
+    from graphpeft.quantized import quantize_model
+    from tests.models import MLP
+
+    base = quantize_model(MLP(dim=64, hidden=64, out=64), kind)
+    torch.manual_seed(8)
+    gm = graphpeft.rewrite(copy.deepcopy(base), graphpeft.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                                      init_lora_weights=False))
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    theirs = dict(pm.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if ".lora_" in name:
+                theirs["base_model.model." + name.removeprefix("graph_module.")].copy_(p)
+                copied += 1
+    assert copied == 4
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    gm.train(), pm.train()
+    torch.testing.assert_close(gm(x), pm(x), atol=ATOL, rtol=0)
+    assert (gm(x) - base(x)).abs().max() > 1e-3
