@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, from the pinned CPU build: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,demo,onnx]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,demo,onnx,quant]"
 	touch $(STAMP)
 
 install: $(STAMP)

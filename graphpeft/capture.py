@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphpeft.errors import CaptureError
+from graphpeft.quantized import capturable
 
 aten = torch.ops.aten
 CAPTURE_META = "graphpeft.capture"
@@ -66,11 +67,13 @@ def capture(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = Tru
         return model
     hf = is_hf_model(model)
     if example_inputs is None and not hf:
-        return _symbolic_trace(model)
+        with capturable(model):
+            return _symbolic_trace(model)
     args, kwargs = _split_inputs(example_inputs if example_inputs is not None else synthesize_inputs(model))
     if hf:
         kwargs = {**_hf_constants(model), **kwargs}
-    gm = _export(model, args, kwargs, dynamic)
+    with capturable(model):     # quantized layers (bitsandbytes, torchao) become one custom op each
+        gm = _export(model, args, kwargs, dynamic)
     if any(p.is_meta for p in model.parameters()):
         # built without weights: non-persistent buffers (rotary inv_freq) are in no file, compute them now
         from graphpeft.meta import fill_meta_buffers

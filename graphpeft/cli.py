@@ -64,11 +64,27 @@ def _model_name(model: Any, given: Optional[str]) -> str:
     return getattr(model.config, "_name_or_path", None) or given or "?"
 
 
-def _load_model(name: Optional[str], **kwargs: Any) -> Any:
+def _load_model(name: Optional[str], quantize: Optional[str] = None, **kwargs: Any) -> Any:
     from graphpeft import hub
 
     with progress.spinner(f"loading {name or 'the default model'}"):
-        return hub.load_model(name, **kwargs)
+        model = hub.load_model(name, **kwargs)
+    if quantize:
+        from graphpeft.quantized import quantize_model
+
+        with progress.spinner(f"quantizing its linear layers ({quantize})"):
+            quantize_model(model, quantize)
+    return model
+
+
+def _check_quantize(args: argparse.Namespace) -> None:
+    """--quantize fails before any model is loaded when its library is missing."""
+    if getattr(args, "quantize", None):
+        from graphpeft.quantized import require_for
+
+        require_for(args.quantize)
+        if getattr(args, "meta", False):
+            raise GraphPeftError("--quantize needs the model's weights; drop --meta")
 
 
 def _capture(model: Any, name: str) -> Any:
@@ -122,6 +138,7 @@ def cmd_rewrite(args: argparse.Namespace, method: registry.Method) -> dict:
     from graphpeft.match import find_sites
 
     build_config(method, args)                      # bad options fail before the model is loaded
+    _check_quantize(args)
     out = Path(args.output).expanduser()
     check_output(out, args.overwrite)
     torch.manual_seed(args.seed)                    # adapter initialisation: same seed, same files
@@ -129,7 +146,7 @@ def cmd_rewrite(args: argparse.Namespace, method: registry.Method) -> dict:
         from graphpeft.meta import meta_model
         model = meta_model(args.model, trust_remote_code=args.trust_remote_code)
     else:
-        model = _load_model(args.model, task="auto", trust_remote_code=args.trust_remote_code)
+        model = _load_model(args.model, task="auto", trust_remote_code=args.trust_remote_code, quantize=args.quantize)
     name = _model_name(model, args.model)
     config = build_config(method, args, task_type=_task_type(model), base_model_name_or_path=name)
     gm = _capture(model, name)
@@ -192,12 +209,13 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> dict:
             raise GraphPeftError(f"--adapter takes its options from its adapter_config.json; drop {' '.join(given)}")
     else:
         build_config(method, args, total_step=steps)
+    _check_quantize(args)
     out = Path(args.output).expanduser()
     check_output(out, args.overwrite)
     torch.manual_seed(args.seed)
     tokenizer = hub.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = _load_model(args.model, task=data.task, num_labels=data.num_labels or None,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, quantize=args.quantize)
     if data.task == SEQ_CLS and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id   # decoder classifiers pool the last non-pad token
     name = _model_name(model, args.model)

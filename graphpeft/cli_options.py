@@ -304,6 +304,15 @@ def _overwrite() -> click.Option:
                  help="replace OUT if it exists and is not empty (the old folder is swapped out atomically)")
 
 
+def _quantize_option() -> click.Option:
+    from graphpeft.quantized import QUANTIZE_CHOICES
+
+    return _opt("--quantize", "quantize", type=click.Choice(QUANTIZE_CHOICES), default=None,
+                help="load the base with its linear layers quantized and frozen (QLoRA): nf4 / fp4 (bitsandbytes 4-bit), "
+                     "int8 (bitsandbytes 8-bit), torchao-int8 (torchao int8 weight-only); the output head stays "
+                     "float; needs the 'graphpeft[quant]' extra")
+
+
 def _training_options(seed_help: str) -> list[click.Parameter]:
     return [
         _opt("--data", "data", required=True, metavar="FILE", help="JSONL training data"),
@@ -372,7 +381,7 @@ def make_commands(method: registry.Method) -> dict[str, click.Command]:
                                                  "drawing of the graph around each kind of rewritten site"),
                 _opt("--seed", "seed", type=INT, default=0, metavar="N",
                      help="seed for the adapters' initial weights; the same seed gives the same files (default: 0)"),
-                *mp],
+                _quantize_option(), *mp],
         short_help="insert adapters and save them (PEFT format)",
         help="Capture the model, insert the method's adapters and write OUT/adapter_config.json, "
              "OUT/adapter_model.safetensors and OUT/rewrite.json.",
@@ -389,7 +398,7 @@ def make_commands(method: registry.Method) -> dict[str, click.Command]:
                 _opt("--adapter", "adapter", metavar="DIR", default=None,
                      help="continue training a saved adapter (its adapter_config.json replaces the method options)"),
                 *_training_options("seed for weights init and data order (default: 0)"), *_trainer_options(),
-                _overwrite(), *mp],
+                _quantize_option(), _overwrite(), *mp],
         short_help="train an adapter on a JSONL file and save it",
         help="Train an adapter on JSON Lines data: rows {\"text\": ...} train a causal LM, rows "
              "{\"text\": ..., \"label\": int} a sequence classifier (labels 0..K-1).",

@@ -429,7 +429,10 @@ def _export(source: nn.Module, tensors: dict, constants: dict, kind: str, forwar
     if forward is not None:
         source.forward = types.MethodType(forward, source)    # an instance attribute, deleted below
     try:
-        ep = torch.export.export(source, (), {**tensors, **constants}, strict=False, dynamic_shapes=shapes)
+        from graphpeft.quantized import capturable
+
+        with capturable(source):      # quantized layers (bitsandbytes, torchao) as one custom op each
+            ep = torch.export.export(source, (), {**tensors, **constants}, strict=False, dynamic_shapes=shapes)
         signature = inspect.signature(source.forward)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

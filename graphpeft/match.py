@@ -15,6 +15,8 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     experts    any op reading a 3-D parameter W[experts,out,in]             MoE experts (transformers 5 Mixtral's
                                                                              gate_up_proj, indexed per token)
     conv       aten.conv1d/2d/3d(x, W[out,in/groups,*k], b, stride, ...)    nn.Conv1d/2d/3d (string padding too)
+    linear     a registered quantized linear op(x, Wq, b, ..., in, out)      bitsandbytes / torchao layers
+               (graphpeft/quantized_ops.py; Wq a frozen packed parameter)   (``Site.quantized``)
 
 and, in graphs traced with torch.fx's default leaf modules, ``call_module`` nodes of nn.Linear
 (kind linear) and nn.Embedding (kind embedding), whose weight has no get_attr node.
@@ -48,6 +50,14 @@ _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
 CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
             aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}     # padding="same"/"valid"
+# quantized linear ops: op -> (argument index of in_features, of out_features); x is args[0], the packed
+# weight args[1], the bias args[2] (graphpeft/quantized_ops.py registers its ops here)
+QUANTIZED_LINEAR: dict[object, tuple[int, int]] = {}
+
+
+def register_quantized_linear(op: object, in_index: int, out_index: int) -> None:
+    """Count ``op`` as a linear site: a weight op whose weight (args[1]) is stored quantized."""
+    QUANTIZED_LINEAR[op] = (in_index, out_index)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class Site:
     in_features: int
     out_features: int
     module_class: str = ""
+    quantized: bool = False     # the weight is stored quantized (a QUANTIZED_LINEAR op): frozen, not a float matrix
 
     @property
     def param_owner(self) -> str:
@@ -117,6 +128,9 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, Optional
 
 def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, fx.Node, int, int]]:
     t, a = node.target, node.args
+    if t in QUANTIZED_LINEAR and len(a) > max(QUANTIZED_LINEAR[t]) and _param(gm, a[1]) is not None:
+        fin, fout = QUANTIZED_LINEAR[t]
+        return "linear", a[1], int(a[fin]), int(a[fout])
     if t in _LINEAR and len(a) >= 2 and (p := _param(gm, a[1])) is not None and p.dim() == 2:
         return "linear", a[1], p.shape[1], p.shape[0]
     if t is aten.addmm.default and len(a) >= 3 and (p := _param(gm, a[2])) is not None:
@@ -203,7 +217,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             path, cls = str(node.target), type(gm.get_submodule(str(node.target))).__name__
         elif kind in PARAM_KINDS or not path:
             path = path or weight_name.rpartition(".")[0]
-        sites.append(Site(node, kind, path, weight, weight_name, int(fin), int(fout), cls))
+        sites.append(Site(node, kind, path, weight, weight_name, int(fin), int(fout), cls,
+                          quantized=node.target in QUANTIZED_LINEAR))
     return sites
 
 

@@ -525,6 +525,8 @@ class GraphPeftModel(CapturedModel):
         if unmergeable:
             raise GraphPeftError(f"{unmergeable[0]} adds tokens, not a weight update: it cannot be merged into "
                                  f"the weights; keep the adapter model as it is")
+        from graphpeft.quantized import refuse_merge
+        refuse_merge(self.graph_module, records)        # a quantized base weight: a one-line refusal
         return records
 
     def merged_graph(self) -> CapturedModel:

@@ -128,7 +128,8 @@ class IA3Rule(Rule):
         else:
             shape = (1, channels) if feedforward else (channels, 1)
         init = torch.ones(shape) if self.config.init_ia3_weights else torch.randn(shape)   # PEFT: randn, then ones
-        attr = rw.add_parameter(f"{path}.ia3_l.{name}", init.to(device=weight.device, dtype=weight.dtype),
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32     # a quantized base: float32, as PEFT
+        attr = rw.add_parameter(f"{path}.ia3_l.{name}", init.to(device=weight.device, dtype=dtype),
                                 f"base_model.model.{path}.ia3_l")
         node = site.node
         if feedforward:

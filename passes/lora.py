@@ -68,6 +68,9 @@ class LoraRule(Rule):
 
     def check(self, site: Site) -> Optional[str]:
         cfg = self.config
+        if site.quantized and (cfg.use_dora or is_decomposing(cfg.init_lora_weights)):
+            what = "use_dora" if cfg.use_dora else f"init_lora_weights={cfg.init_lora_weights!r}"
+            return f"{what} needs the float base weight, and this one is stored quantized; load the base unquantized"
         if site.kind in PARAM_KINDS:
             for name, value in (("lora_dropout", cfg.lora_dropout), ("use_dora", cfg.use_dora), ("lora_bias", cfg.lora_bias),
                                 ("init_lora_weights", is_decomposing(cfg.init_lora_weights))):
