@@ -44,6 +44,7 @@ PARAM_KINDS = ("matmul", "einsum", "experts")
 
 _LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
+_SCORES = _MATMUL | {aten.baddbmm.default}        # q @ k^T, or bias + q @ k^T
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
 CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
@@ -359,7 +360,8 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
 
 
 def _eager_attention(pv: fx.Node) -> Optional[AttentionSite]:
-    """Match matmul(softmax(... matmul(q, k^T) ...), v), walking back through masking and dropout."""
+    """Match matmul(softmax(... matmul(q, k^T) ...), v), walking back through masking and dropout; the scores
+    may be a bmm or a baddbmm (an additive bias such as ALiBi), of rank 3 ([batch*heads, q, k]) or 4."""
     probs, value = pv.args[0], pv.args[1]
     node, hops = probs, 0
     while isinstance(node, fx.Node) and hops < 8:
@@ -372,10 +374,12 @@ def _eager_attention(pv: fx.Node) -> Optional[AttentionSite]:
     if not isinstance(node, fx.Node) or "softmax" not in getattr(node.target, "__name__", str(node.target)):
         return None
     scores, hops = node.args[0], 0
-    while isinstance(scores, fx.Node) and scores.target not in _MATMUL and hops < 8:
+    while isinstance(scores, fx.Node) and scores.target not in _SCORES and hops < 8:
         scores, hops = (scores.args[0] if scores.args else None), hops + 1
-    if not isinstance(scores, fx.Node) or scores.target not in _MATMUL:
+    if not isinstance(scores, fx.Node) or scores.target not in _SCORES:
         return None
+    if scores.target is aten.baddbmm.default:      # bias + q @ k^T in one op (BLOOM's ALiBi): q, k are args 1, 2
+        return AttentionSite(pv, scores.args[1], scores.args[2], value, "eager", scores)
     return AttentionSite(pv, scores.args[0], scores.args[1], value, "eager", scores)
 
 
