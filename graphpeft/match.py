@@ -7,10 +7,10 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     mm         aten.mm(x2d, W[in,out])                                      Conv1D without bias
     matmul     aten.matmul / torch.matmul with a parameter operand          custom layers
     einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
-    linear/mm  linear / matmul / mm / bmm reading a 2-D parameter through   custom layers (x @ W.t(), a
-               a transpose, a dtype cast, a same-shape view or a batch      bf16 cast of W, bmm on W
-               broadcast: "linear" when the op computes x W^T, "mm" when    expanded over the batch)
-               it computes x W (W stored [in, out])
+    linear/mm  linear / matmul / mm / bmm reading a 2-D parameter through   custom layers (x @ W.t(),
+               a transpose, a same-shape view, a batch broadcast or a       bmm on W expanded over the
+               cast to its own dtype: "linear" when the op computes x W^T,  batch)
+               "mm" when it computes x W (W stored [in, out])
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
     experts    any op reading a 3-D parameter W[experts,out,in]             MoE experts (transformers 5 Mixtral's
                                                                              gate_up_proj, indexed per token)
@@ -161,9 +161,10 @@ _KEEPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.conti
 
 def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, torch.nn.Parameter, bool]]:
     """(get_attr node, parameter, transposed?) of a 2-D parameter that ``node`` is, through a transpose, a
-    dtype cast, a view that keeps its shape, or a broadcast over a leading batch axis; None otherwise or when
-    ``node`` is the parameter itself (the plain sites above)."""
+    view that keeps its shape, a broadcast over a leading batch axis or a cast that keeps its dtype; None
+    otherwise, when the dtype changes on the way, or when ``node`` is the parameter itself (the plain sites)."""
     flipped, hops = False, 0
+    dtype = getattr(node.meta.get("val"), "dtype", None) if isinstance(node, fx.Node) else None
     while isinstance(node, fx.Node) and node.op == "call_function" and hops < 8:
         val, src = node.meta.get("val"), node.args[0] if node.args else None
         src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
@@ -186,7 +187,9 @@ def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, 
             return None
         node, hops = src, hops + 1
     p = _param(gm, node)
-    return (node, p, flipped) if p is not None and p.dim() == 2 and hops > 0 else None
+    if p is None or p.dim() != 2 or hops == 0 or dtype != p.dtype:   # a real dtype change: the adapter's branch
+        return None                                                   # would need a cast of its own (not yet)
+    return node, p, flipped
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:

@@ -361,3 +361,30 @@ def test_a_site_prefix_tuning_cannot_rewrite_names_the_module_and_the_op():
     with pytest.raises(graphpeft.GraphPeftError, match=r"transformer\.h\.0\.self_attention \(aten\.bmm.*baddbmm") as err:
         graphpeft.rewrite(gm, graphpeft.PrefixTuningConfig(num_virtual_tokens=V))
     assert "\n" not in str(err.value)
+
+
+def test_a_weight_cast_to_another_dtype_is_not_taken_as_a_site():
+    """LoRA's branch would run in the parameter's dtype on activations of another: not a site (yet); the same
+    layer with a cast to the weight's own dtype is one."""
+
+    class Proj(nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.weight, self.dtype = nn.Parameter(torch.randn(8, 8)), dtype
+
+        def forward(self, x):
+            return x @ self.weight.t().to(self.dtype)
+
+    class Model(nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.proj, self.head = Proj(dtype), nn.Linear(8, 2).to(dtype)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.proj(x)))
+
+    cfg = graphpeft.LoraConfig(target_modules=["proj"])
+    same = graphpeft.rewrite(Model(torch.float32), cfg, example_inputs=(torch.randn(2, 8),))
+    assert [r.module_path for r in same.records] == ["proj"]
+    with pytest.raises(graphpeft.NoMatchError, match="proj"):
+        graphpeft.rewrite(Model(torch.float64), cfg, example_inputs=(torch.randn(2, 8, dtype=torch.float64),))
