@@ -7,10 +7,10 @@ A *site* is an op whose weight operand is a parameter of the graph module:
     mm         aten.mm(x2d, W[in,out])                                      Conv1D without bias
     matmul     aten.matmul / torch.matmul with a parameter operand          custom layers
     einsum     aten.einsum / torch.einsum with a parameter operand          custom layers
-    linear/mm  linear / matmul / mm / bmm reading a 2-D parameter through   custom layers (x @ W.t(), a
-               a transpose, a dtype cast, a same-shape view or a batch      bf16 cast of W, bmm on W
-               broadcast: "linear" when the op computes x W^T, "mm" when    expanded over the batch)
-               it computes x W (W stored [in, out])
+    linear/mm  linear / matmul / mm / bmm reading a 2-D parameter through   custom layers (x @ W.t(),
+               a transpose, a same-shape view, a batch broadcast or a       bmm on W expanded over the
+               cast to its own dtype: "linear" when the op computes x W^T,  batch)
+               "mm" when it computes x W (W stored [in, out])
     embedding  aten.embedding(W[num,dim], ids) / F.embedding                nn.Embedding
     experts    any op reading a 3-D parameter W[experts,out,in]             MoE experts (transformers 5 Mixtral's
                                                                              gate_up_proj, indexed per token)
@@ -46,6 +46,7 @@ PARAM_KINDS = ("matmul", "einsum", "experts")
 
 _LINEAR = {aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {aten.matmul.default, torch.matmul, aten.bmm.default}
+_SCORES = _MATMUL | {aten.baddbmm.default}        # q @ k^T, or bias + q @ k^T
 _EINSUM = {aten.einsum.default, torch.einsum, torch.functional.einsum}
 _EMBEDDING = {aten.embedding.default, torch.nn.functional.embedding}
 CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
@@ -174,9 +175,10 @@ _KEEPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.conti
 
 def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, torch.nn.Parameter, bool]]:
     """(get_attr node, parameter, transposed?) of a 2-D parameter that ``node`` is, through a transpose, a
-    dtype cast, a view that keeps its shape, or a broadcast over a leading batch axis; None otherwise or when
-    ``node`` is the parameter itself (the plain sites above)."""
+    view that keeps its shape, a broadcast over a leading batch axis or a cast that keeps its dtype; None
+    otherwise, when the dtype changes on the way, or when ``node`` is the parameter itself (the plain sites)."""
     flipped, hops = False, 0
+    dtype = getattr(node.meta.get("val"), "dtype", None) if isinstance(node, fx.Node) else None
     while isinstance(node, fx.Node) and node.op == "call_function" and hops < 8:
         val, src = node.meta.get("val"), node.args[0] if node.args else None
         src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
@@ -199,7 +201,9 @@ def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, 
             return None
         node, hops = src, hops + 1
     p = _param(gm, node)
-    return (node, p, flipped) if p is not None and p.dim() == 2 and hops > 0 else None
+    if p is None or p.dim() != 2 or hops == 0 or dtype != p.dtype:   # a real dtype change: the adapter's branch
+        return None                                                   # would need a cast of its own (not yet)
+    return node, p, flipped
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
@@ -374,7 +378,8 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
 
 
 def _eager_attention(pv: fx.Node) -> Optional[AttentionSite]:
-    """Match matmul(softmax(... matmul(q, k^T) ...), v), walking back through masking and dropout."""
+    """Match matmul(softmax(... matmul(q, k^T) ...), v), walking back through masking and dropout; the scores
+    may be a bmm or a baddbmm (an additive bias such as ALiBi), of rank 3 ([batch*heads, q, k]) or 4."""
     probs, value = pv.args[0], pv.args[1]
     node, hops = probs, 0
     while isinstance(node, fx.Node) and hops < 8:
@@ -387,10 +392,12 @@ def _eager_attention(pv: fx.Node) -> Optional[AttentionSite]:
     if not isinstance(node, fx.Node) or "softmax" not in getattr(node.target, "__name__", str(node.target)):
         return None
     scores, hops = node.args[0], 0
-    while isinstance(scores, fx.Node) and scores.target not in _MATMUL and hops < 8:
+    while isinstance(scores, fx.Node) and scores.target not in _SCORES and hops < 8:
         scores, hops = (scores.args[0] if scores.args else None), hops + 1
-    if not isinstance(scores, fx.Node) or scores.target not in _MATMUL:
+    if not isinstance(scores, fx.Node) or scores.target not in _SCORES:
         return None
+    if scores.target is aten.baddbmm.default:      # bias + q @ k^T in one op (BLOOM's ALiBi): q, k are args 1, 2
+        return AttentionSite(pv, scores.args[1], scores.args[2], value, "eager", scores)
     return AttentionSite(pv, scores.args[0], scores.args[1], value, "eager", scores)
 
 

@@ -493,8 +493,11 @@ def _site_shape(att: AttentionSite, seq: Any) -> tuple[int, int, int]:
     key, value = att.key.meta.get("val"), att.value.meta.get("val")
     where = module_stack_entry(att.node)[0] or att.node.name
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor) or key.dim() != 4 or value.dim() != 4:
-        raise GraphPeftError(f"prefix_tuning: the attention site {where} does not take 4-D [batch, heads, "
-                             f"sequence, head size] keys and values; prefix tuning cannot put a prefix there")
+        ops = f"{att.node.target}" + (f" after {att.scores.target}" if att.scores is not None else "")
+        shape = tuple(key.shape) if isinstance(key, torch.Tensor) else "?"
+        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({ops}, keys of shape {shape}) does not "
+                             f"take 4-D [batch, heads, sequence, head size] keys and values; prefix tuning cannot "
+                             f"put a prefix there")
     if att.key is att.value:
         raise GraphPeftError(f"prefix_tuning: the attention site {where} uses one tensor as keys and values; "
                              f"it cannot take separate key and value prefixes")

@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import graphpeft
+from graphpeft.match import attention_sites
 from graphpeft.passes.prefix_tuning import prompt_embeddings
 from graphpeft.rewriter import get_attr_path
 
@@ -318,3 +319,72 @@ def test_weight_matmuls_through_transpose_permute_and_batch_broadcast_are_lora_s
     all_linear = graphpeft.rewrite(_Chains().eval(), graphpeft.LoraConfig(target_modules="all-linear"),
                                    example_inputs=(x,))
     assert {r.module_path for r in all_linear.records} == {"up", "mix", "down"}        # the head left out
+
+
+# -- attention with an additive bias (ALiBi) and scores of rank 3 --------------------------------------------
+
+def _bloom():
+    torch.manual_seed(0)
+    return tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=100,
+                                              hidden_dropout=0.0, attention_dropout=0.0)).eval()
+
+
+def test_alibi_attention_is_found_and_lora_defaults_equal_peft_s_table_on_bloom():
+    """BLOOM scores with baddbmm(alibi, q, k) on [batch*heads, q, k]: the attention sites are found, so LoRA's
+    default targets (the projections feeding q and v) are query_key_value, PEFT's table entry for bloom."""
+    import peft
+
+    model = _bloom()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][0, :2] = 0
+    gm = graphpeft.capture(model, example_inputs=batch)
+    assert len(attention_sites(gm)) == 2
+    cfg = dict(task_type="CAUSAL_LM", init_lora_weights=False)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(gm, graphpeft.LoraConfig(**cfg)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
+    assert sorted(r.module_path for r in ours.records) == sorted(pm.targeted_module_names) == [
+        f"transformer.h.{i}.self_attention.query_key_value" for i in range(2)]
+    with torch.no_grad():
+        for path in pm.targeted_module_names:
+            layer = pm.base_model.model.get_submodule(path)
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part)["default"].weight.copy_(get_attr_path(ours.graph_module, f"{path}.{part}.default.weight"))
+        torch.testing.assert_close(ours(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_a_site_prefix_tuning_cannot_rewrite_names_the_module_and_the_op():
+    model = _bloom()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = graphpeft.capture(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with pytest.raises(graphpeft.GraphPeftError, match=r"transformer\.h\.0\.self_attention \(aten\.bmm.*baddbmm") as err:
+        graphpeft.rewrite(gm, graphpeft.PrefixTuningConfig(num_virtual_tokens=V))
+    assert "\n" not in str(err.value)
+
+
+def test_a_weight_cast_to_another_dtype_is_not_taken_as_a_site():
+    """LoRA's branch would run in the parameter's dtype on activations of another: not a site (yet); the same
+    layer with a cast to the weight's own dtype is one."""
+
+    class Proj(nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.weight, self.dtype = nn.Parameter(torch.randn(8, 8)), dtype
+
+        def forward(self, x):
+            return x @ self.weight.t().to(self.dtype)
+
+    class Model(nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.proj, self.head = Proj(dtype), nn.Linear(8, 2).to(dtype)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.proj(x)))
+
+    cfg = graphpeft.LoraConfig(target_modules=["proj"])
+    same = graphpeft.rewrite(Model(torch.float32), cfg, example_inputs=(torch.randn(2, 8),))
+    assert [r.module_path for r in same.records] == ["proj"]
+    with pytest.raises(graphpeft.NoMatchError, match="proj"):
+        graphpeft.rewrite(Model(torch.float64), cfg, example_inputs=(torch.randn(2, 8, dtype=torch.float64),))
