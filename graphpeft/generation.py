@@ -375,8 +375,7 @@ def _build_seq2seq(source: nn.Module, ids: torch.Tensor, new: torch.Tensor, exam
         raise GraphPeftError(f"generate() on {type(source).__name__} (input {main!r}) is not supported; text "
                              f"(T5, BART) and speech (Whisper) encoder-decoders are")
     encoder = _export(source, _on(given, example), {}, "Encoder", forward=forward)
-    if main == "input_ids":        # the halves of a text encoder-decoder: a rule may give each its own share
-        encoder.meta[MODEL_HALF] = "encoder"
+    encoder.meta[MODEL_HALF] = "encoder"      # the halves: a rule may give each its own share
     encoder = rewritten(encoder, may_skip=True)
     hidden = run(encoder, **given).to(example)
     start = getattr(source.config, "decoder_start_token_id", None) or 0

@@ -23,8 +23,8 @@ from graphpeft.result import Rewrite
 REWRITTEN = STAMP + ".rewritten"   # anchor meta: [(rule, adapter)] that rewrote it
 EXTRA_INPUTS = STAMP + ".extra_inputs"   # gm meta: {input name: message when it is missing}
 EXTRA_INPUT_CHECKS = STAMP + ".extra_input_checks"   # gm meta: {input name: value -> None or what is wrong}
-# gm meta: "encoder" or "decoder" when the graph is one half of an encoder-decoder whose encoder reads token ids
-# (generation captures the two halves apart); absent for a whole model
+# gm meta: "encoder" when the graph is the encoder of an encoder-decoder, "decoder" when it is the decoder of
+# one whose encoder reads token ids (generation captures the halves apart); absent for a whole model
 MODEL_HALF = STAMP + ".model_half"
 
 

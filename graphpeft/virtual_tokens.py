@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.match import Site, find_sites, is_stamped, module_stack_entry
 from graphpeft.patch_sequence import PatchSequence, insert_after_leading, patch_sequence
-from graphpeft.rewriter import Rewriter, get_attr_path
+from graphpeft.rewriter import MODEL_HALF, Rewriter, get_attr_path
 from graphpeft.rule import Rule
 from graphpeft.sequence import placeholder, prepend_positions, sequence_inputs
 
@@ -95,7 +95,10 @@ def token_lookup(gm: fx.GraphModule, main: str = "input_ids") -> Optional[TokenL
 def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup | PatchSequence]:
     """Where virtual tokens go: the lookup of ``input_ids``; else (a model whose encoder reads no tokens,
     e.g. Whisper's ``input_features``) the lookup of ``decoder_input_ids``; else (a vision transformer) the
-    patch-embedding sequence, after its class token; else None."""
+    patch-embedding sequence, after its class token; else None. The encoder graph of an encoder-decoder
+    (generation captures it apart, graph meta ``MODEL_HALF``) has its ``input_ids`` lookup or nothing."""
+    if gm.meta.get(MODEL_HALF) == "encoder":
+        return token_lookup(gm, "input_ids")
     return token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids") or patch_sequence(gm)
 
 
