@@ -167,7 +167,7 @@ def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str,
 
 
 # ops a weight may go through on its way to a matmul: layout flips, and ops that keep its values and layout
-_FLIPS = {aten.t.default, aten.transpose.int, aten.permute.default}
+_FLIPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}   # numpy_T: W.T (Falcon)
 _KEEPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
           aten.alias.default, aten.detach.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
           aten.unsqueeze.default, aten.expand.default}
@@ -186,6 +186,8 @@ def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, 
             return None
         if node.target in _FLIPS:
             if val.dim() < 2 or tuple(val.shape[-2:]) != tuple(src_val.shape[-2:])[::-1]:
+                return None
+            if node.target is aten.numpy_T.default and val.dim() != 2:     # it reverses every axis
                 return None
             if node.target is aten.permute.default and list(node.args[1])[-2:] not in ([1, 0], [-1, -2]):
                 return None
@@ -342,6 +344,7 @@ _TRANSPARENT = {
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.alias.default,
     aten.chunk.default, aten.unflatten.int, aten.flatten.using_ints, aten.repeat_interleave.self_int,
     aten.t.default, aten.mul.Scalar, aten.div.Scalar, aten.unbind.int, aten.index_select.default,
+    aten.index.Tensor, aten.numpy_T.default,
 }
 _TRANSPARENT_NAMES = {"getitem", "view", "reshape", "transpose", "permute", "contiguous", "split", "chunk",
                       "unsqueeze", "squeeze", "mul", "add", "truediv", "cat", "expand", "flatten", "unflatten",

@@ -354,6 +354,31 @@ def test_alibi_attention_is_found_and_lora_defaults_equal_peft_s_table_on_bloom(
         torch.testing.assert_close(ours(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
 
 
+def test_falcon_weights_read_through_numpy_T_are_sites_and_lora_defaults_equal_peft_s_table():
+    """FalconLinear computes x @ W.T (aten.numpy_T): its projections are linear sites, the attention behind
+    the index-split fused qkv is found, and LoRA's defaults are query_key_value as in PEFT's table."""
+    import peft
+    from tests.grid_models import tiny_falcon
+
+    model = tiny_falcon().eval()
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cfg = dict(task_type="CAUSAL_LM", init_lora_weights=False)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(model, graphpeft.LoraConfig(**cfg)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
+    assert sorted(r.module_path for r in ours.records) == sorted(pm.targeted_module_names)
+    assert all(p.endswith("query_key_value") for p in pm.targeted_module_names)
+    with torch.no_grad():
+        for path in pm.targeted_module_names:
+            layer = pm.base_model.model.get_submodule(path)
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part)["default"].weight.copy_(get_attr_path(ours.graph_module, f"{path}.{part}.default.weight"))
+        torch.testing.assert_close(ours(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
+        merged = ours.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
+
+
 def test_a_site_prefix_tuning_cannot_rewrite_names_the_module_and_the_op():
     model = _bloom()
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
