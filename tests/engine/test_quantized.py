@@ -42,8 +42,10 @@ def ids():
 
 
 def _load(folder, kind, auto=AutoModelForCausalLM, **kwargs):
-    if kind in ("nf4-dq", "nf4-keep-head", "nf4-bf16"):
-        compute = torch.bfloat16 if kind == "nf4-bf16" else torch.float32      # the float32 model computes in bf16
+    if kind == "nf4-bf16-model":        # all in bfloat16 but the adapter (float32, PEFT's choice on a quantized base)
+        kwargs["dtype"] = torch.bfloat16
+    if kind in ("nf4-dq", "nf4-keep-head", "nf4-bf16", "nf4-bf16-model"):
+        compute = torch.bfloat16 if kind.startswith("nf4-bf16") else torch.float32   # a float32 model computing in bf16
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                     bnb_4bit_use_double_quant=kind == "nf4-dq",
                                     llm_int8_skip_modules=["classifier"])     # a classifier head to train in float
@@ -78,7 +80,7 @@ SLOW = pytest.mark.slow      # the default run keeps one case of each library an
 
 
 @pytest.mark.parametrize("kind", ["nf4", pytest.param("nf4-dq", marks=SLOW), pytest.param("fp4", marks=SLOW),
-                                  "nf4-bf16", "int8", "torchao-int8"])
+                                  "nf4-bf16", pytest.param("nf4-bf16-model", marks=SLOW), "int8", "torchao-int8"])
 def test_lora_on_quantized_llama_matches_peft(kind, llama_dir, ids, tmp_path):
     torch.manual_seed(1)
     gm = graphpeft.rewrite(_load(llama_dir, kind), graphpeft.LoraConfig(**LORA))
