@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -321,6 +322,9 @@ def quiet_libraries() -> None:
         return
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # the quant extra's import-time chatter (torchao's optional CUDA kernels, bitsandbytes' optional kernel hub)
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as hf_logging
 

@@ -10,16 +10,16 @@ not copied) and calls one custom op (graphpeft/quantized_ops.py):
     nn.Linear with a torchao Int8Tensor weight (per row)    ->  graphpeft::linear_int8(x, W8, b, scale, ...)
 
 before (eager):  x ─ Linear4bit(Params4bit) ─ y
-graph:           x ─ to(compute dtype) ─ graphpeft::linear_4bit(W4 frozen uint8, absmax, code) ─ to(x dtype) ─ y
-after LoRA:      x ─ ... ─ linear_4bit ─┬─ add ─ ...       (the branch runs in the compute dtype)
-                 └ dropout ─ A ─ B ─ mul(s) ┘
+graph:           x ─ graphpeft::linear_4bit(W4 frozen uint8, absmax, code, compute dtype) ─ y
+after LoRA:      x ─ linear_4bit ─┬─ add ─ y         (the branch runs in the adapter's dtype, float32,
+                 └ dropout ─ A ─ B ─ mul(s) ┘           on x as the layer receives it, as in PEFT)
 
 The model itself is restored after capture; the graph keeps the quantized weights frozen. A LoRA branch
 trained on such a base has PEFT's keys, so its adapter loads on the quantized and the unquantized base.
 
-``load_quantized`` loads a Hugging Face checkpoint with a quantization (``nf4``, ``fp4``, ``int8``,
-``torchao-int8``) for the command line; without the libraries it raises a one-line error naming the
-``graphpeft[quant]`` extra.
+``quantize_model`` quantizes a loaded model in place (the command line's ``--quantize``: ``nf4``, ``fp4``,
+``int8``, ``torchao-int8``), ``load_quantized`` loads a checkpoint quantized through transformers; without the
+libraries both raise a one-line error naming the ``graphpeft[quant]`` extra.
 """
 
 from __future__ import annotations
@@ -87,14 +87,10 @@ class Linear4bitGraph(nn.Module):
         self.register_buffer("offset", torch.as_tensor(offset) if offset is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inp = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        y = torch.ops.graphpeft.linear_4bit(x, self.weight, bias, self.absmax, self.code, self.absmax_8bit,
-                                            self.absmax_code, self.offset, self.blocksize, self.quant_type,
-                                            self.in_features, self.out_features)
-        return y.to(inp)
+        # the op casts to the compute dtype itself: a rule's branch sees x as the layer does, as in PEFT
+        return torch.ops.graphpeft.linear_4bit(x, self.weight, self.bias, self.absmax, self.code, self.absmax_8bit,
+                                               self.absmax_code, self.offset, self.compute_dtype, self.blocksize,
+                                               self.quant_type, self.in_features, self.out_features)
 
 
 class LinearInt8Graph(nn.Module):

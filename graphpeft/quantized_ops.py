@@ -2,8 +2,9 @@
 implementation and an autograd formula, so a frozen quantized weight is one op in the graph.
 
     graphpeft::linear_4bit(x, W4 uint8 packed, bias?, absmax, code, absmax_8bit?, absmax_code?, offset?,
-                           blocksize, quant_type, in_features, out_features)
-        y = x dequant4(W4)^T + b            (bitsandbytes' gemm_4bit: NF4 / FP4, with or without double quant)
+                           compute_dtype?, blocksize, quant_type, in_features, out_features)
+        y = x dequant4(W4)^T + b            (bitsandbytes' gemm_4bit: NF4 / FP4, with or without double quant,
+                                             in the compute dtype; y in x's dtype)
     graphpeft::linear_int8(x, W8 int8 [out, in], bias?, scale [out], scale_output, in_features, out_features)
         y = x (W8 * scale[:, None])^T + b  (bitsandbytes' 8-bit CPU training path, scale = SCB / 127)
         y = (x W8^T) * scale + b           (scale_output: torchao's int8 weight-only path, per-row scale)
@@ -54,40 +55,48 @@ def dequantize_4bit(weight: Tensor, absmax: Tensor, code: Tensor, absmax_8bit: O
 @torch.library.custom_op("graphpeft::linear_4bit", mutates_args=())
 def linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], absmax: Tensor, code: Tensor,
                 absmax_8bit: Optional[Tensor], absmax_code: Optional[Tensor], offset: Optional[Tensor],
-                blocksize: int, quant_type: str, in_features: int, out_features: int) -> Tensor:
-    # what bitsandbytes' MatMul4Bit.forward calls, with the same arguments
+                compute_dtype: Optional[torch.dtype], blocksize: int, quant_type: str, in_features: int,
+                out_features: int) -> Tensor:
+    # bitsandbytes' Linear4bit.forward: x and the bias in the compute dtype, then MatMul4Bit's gemm_4bit call,
+    # the result in x's dtype
+    a = x.to(compute_dtype) if compute_dtype is not None else x
+    bias = bias.to(a.dtype) if bias is not None else None
     ops = torch.ops.bitsandbytes
     if absmax_8bit is None:
-        return ops.gemm_4bit.default(x, weight.view(-1, 1), [out_features, in_features], absmax, blocksize,
-                                     quant_type, bias=bias)
-    return ops.gemm_4bit.default(x, weight.view(-1, 1), [out_features, in_features], absmax, blocksize, quant_type,
-                                 bias=bias, absmax_8bit=absmax_8bit, absmax_code=absmax_code, absmax_offset=offset)
+        y = ops.gemm_4bit.default(a, weight.view(-1, 1), [out_features, in_features], absmax, blocksize,
+                                  quant_type, bias=bias)
+    else:
+        y = ops.gemm_4bit.default(a, weight.view(-1, 1), [out_features, in_features], absmax, blocksize, quant_type,
+                                  bias=bias, absmax_8bit=absmax_8bit, absmax_code=absmax_code, absmax_offset=offset)
+    return y.to(x.dtype)
 
 
 @linear_4bit.register_fake
-def _(x, weight, bias, absmax, code, absmax_8bit, absmax_code, offset, blocksize, quant_type, in_features,
-      out_features):
+def _(x, weight, bias, absmax, code, absmax_8bit, absmax_code, offset, compute_dtype, blocksize, quant_type,
+      in_features, out_features):
     torch._check(x.shape[-1] == in_features, lambda: f"linear_4bit: input has {x.shape[-1]} features, "
                                                      f"the weight {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _setup_4bit(ctx, inputs, output):
-    x, weight, bias, absmax, code, absmax_8bit, absmax_code, offset, blocksize, quant_type, fin, fout = inputs
+    x, weight, bias, absmax, code, absmax_8bit, absmax_code, offset, compute, blocksize, quant_type, fin, fout = inputs
     ctx.save_for_backward(weight, absmax, code, absmax_8bit, absmax_code, offset)
     ctx.args = (blocksize, quant_type, fin, fout)
-    ctx.has_bias = bias is not None
+    ctx.dtypes = (x.dtype, compute if compute is not None else x.dtype, bias.dtype if bias is not None else None)
 
 
 def _backward_4bit(ctx, grad):
     weight, absmax, code, absmax_8bit, absmax_code, offset = ctx.saved_tensors
+    x_dtype, compute, bias_dtype = ctx.dtypes
     grad_x = grad_bias = None
+    g = grad.to(compute)
     if ctx.needs_input_grad[0]:
-        w = dequantize_4bit(weight, absmax, code, absmax_8bit, absmax_code, offset, *ctx.args, dtype=grad.dtype)
-        grad_x = grad @ w.to(grad.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return (grad_x, None, grad_bias) + (None,) * 9
+        w = dequantize_4bit(weight, absmax, code, absmax_8bit, absmax_code, offset, *ctx.args, dtype=compute)
+        grad_x = (g @ w.to(compute)).to(x_dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(bias_dtype)
+    return (grad_x, None, grad_bias) + (None,) * 10
 
 
 linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
@@ -133,6 +142,6 @@ def _backward_int8(ctx, grad):
 linear_int8.register_autograd(_backward_int8, setup_context=_setup_int8)
 
 # in_features, out_features are the last two arguments of both ops (torch.fx's symbolic trace records the packet)
-for _op, _features in ((torch.ops.graphpeft.linear_4bit, (10, 11)), (torch.ops.graphpeft.linear_int8, (5, 6))):
+for _op, _features in ((torch.ops.graphpeft.linear_4bit, (11, 12)), (torch.ops.graphpeft.linear_int8, (5, 6))):
     register_quantized_linear(_op.default, *_features)
     register_quantized_linear(_op, *_features)

@@ -171,11 +171,17 @@ class LoraRule(Rule):
         a, b = self._starting_pair(rw, site, r, scale, weight, weight.T if in_out else weight)
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
+        # a quantized base keeps the adapter in float32 (PEFT's dtype there): x in, the branch out cast as PEFT does
+        act = getattr(site.node.meta.get("val"), "dtype", None) if site.quantized else None
+        cast = act is not None and act != a.dtype
+        if cast:
+            x = rw.call(aten._to_copy.default, x, dtype=a.dtype)
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
         if not self.config.use_dora:
             bias = self._lora_bias(rw, site.module_path, r, site.out_features, weight)
             h = rw.call(aten.linear.default, h, rw.get_param(b_attr), *([bias] if bias is not None else []))
-            out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
+            h = rw.call(aten.mul.Tensor, h, scale)
+            out = rw.call(aten.add.Tensor, site.node, rw.call(aten._to_copy.default, h, dtype=act) if cast else h)
         else:
             w_now = get_attr_path(rw.gm, site.weight_name)
             w = self._weight_node(rw, site)

@@ -42,8 +42,11 @@ def ids():
 
 
 def _load(folder, kind, auto=AutoModelForCausalLM, **kwargs):
-    if kind in ("nf4-dq", "nf4-keep-head"):
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+    if kind == "nf4-bf16-model":        # all in bfloat16 but the adapter (float32, PEFT's choice on a quantized base)
+        kwargs["dtype"] = torch.bfloat16
+    if kind in ("nf4-dq", "nf4-keep-head", "nf4-bf16", "nf4-bf16-model"):
+        compute = torch.bfloat16 if kind.startswith("nf4-bf16") else torch.float32   # a float32 model computing in bf16
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                     bnb_4bit_use_double_quant=kind == "nf4-dq",
                                     llm_int8_skip_modules=["classifier"])     # a classifier head to train in float
         return auto.from_pretrained(folder, quantization_config=config, device_map="cpu", **kwargs)
@@ -76,14 +79,14 @@ def _logits(model, ids):
 SLOW = pytest.mark.slow      # the default run keeps one case of each library and method family (~60 s)
 
 
-@pytest.mark.parametrize("kind", ["nf4", pytest.param("nf4-dq", marks=SLOW), pytest.param("fp4", marks=SLOW), "int8",
-                                  "torchao-int8"])
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("nf4-dq", marks=SLOW), pytest.param("fp4", marks=SLOW),
+                                  "nf4-bf16", pytest.param("nf4-bf16-model", marks=SLOW), "int8", "torchao-int8"])
 def test_lora_on_quantized_llama_matches_peft(kind, llama_dir, ids, tmp_path):
     torch.manual_seed(1)
     gm = graphpeft.rewrite(_load(llama_dir, kind), graphpeft.LoraConfig(**LORA))
     # the base stays quantized and frozen in the graph: one custom op per linear layer, an integer weight
     ops = {str(n.target) for n in gm.graph_module.graph.nodes if str(n.target).startswith("graphpeft.")}
-    assert ops == {"graphpeft.linear_4bit.default" if kind in ("nf4", "nf4-dq", "fp4") else "graphpeft.linear_int8.default"}
+    assert ops == {"graphpeft.linear_int8.default" if "int8" in kind else "graphpeft.linear_4bit.default"}
     weight = get_attr_path(gm.graph_module, "model.layers.0.self_attn.q_proj.weight")
     assert not weight.is_floating_point() and not weight.requires_grad
     gm.save_pretrained(tmp_path)
