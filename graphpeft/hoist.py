@@ -15,6 +15,10 @@ per token, so these are paid once per token though they change only when the par
 Only nodes a rule or an optimisation inserted (stamped) are hoisted, so the base model's own weights are
 never copied; a node is hoisted when every input is a parameter/buffer or another hoisted node and it is
 deterministic. The values are computed under ``no_grad``: the graph is for inference.
+
+``flatten_attribute_reads`` does the same for the reads themselves: the generated code of a get_attr of
+``model.layers.0.self_attn.q_proj.weight`` walks five modules per call; the graph reads the same tensor
+object through one root attribute instead (no copy; the nested attribute stays for everyone else).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from graphpeft.match import is_stamped
 from graphpeft.rewriter import get_attr_path
 
 HOISTED = "_graphpeft_hoisted"
+FLAT = "_graphpeft_flat_"
 
 
 def hoist_parameter_ops(gm: fx.GraphModule) -> int:
@@ -94,3 +99,25 @@ def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
             seen.add(node)
             todo.extend(node.all_input_nodes)
     return seen
+
+
+def flatten_attribute_reads(gm: fx.GraphModule) -> int:
+    """Point every nested tensor get_attr of ``gm`` at a root attribute holding the same object."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or "." not in str(node.target):
+            continue
+        value = get_attr_path(gm, str(node.target))
+        if not isinstance(value, torch.Tensor):
+            continue
+        flat = FLAT + str(node.target).replace(".", "__")
+        if not hasattr(gm, flat):
+            if isinstance(value, torch.nn.Parameter):
+                gm.register_parameter(flat, value)
+            else:
+                gm.register_buffer(flat, value, persistent=False)
+        node.target = flat
+        count += 1
+    if count:
+        gm.recompile()
+    return count

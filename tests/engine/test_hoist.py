@@ -9,6 +9,7 @@ import torch.fx as fx
 
 import graphpeft
 from graphpeft.hoist import HOISTED, hoist_parameter_ops
+from graphpeft.rewriter import get_attr_path
 from tests.models import tiny_llama
 
 aten = torch.ops.aten
@@ -86,3 +87,22 @@ def test_base_weights_and_random_ops_are_never_hoisted():
         root.a.copy_(torch.ones(4, 2))
         _, z2, _ = gm(x_in)
     torch.testing.assert_close(z2, x_in @ torch.full((4, 2), 2.0))
+
+
+def test_flattened_reads_are_the_same_objects_and_outputs():
+    from graphpeft.hoist import FLAT, flatten_attribute_reads
+
+    model = _rewritten_llama()
+    gm = copy.deepcopy(model.graph_module)
+    nested = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and "." in str(n.target)}
+    ids = torch.randint(3, 50, (2, 6))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    with torch.no_grad():
+        want = gm(**inputs)
+        assert flatten_attribute_reads(gm) == len(nested) > 0
+        got = gm(**inputs)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for target in nested:
+        flat = getattr(gm, FLAT + target.replace(".", "__"))
+        assert flat is get_attr_path(gm, target)               # an alias of the object, not a copy
+    assert all("." not in str(n.target) for n in gm.graph.nodes if n.op == "get_attr")
