@@ -76,15 +76,11 @@ def test_prefix_at_every_attention_site_equals_the_model_attending_to_the_prefix
     assert (got - base).abs().max() > 1e-4                     # the prefix matters
 
 
-def test_prefix_trains_saves_and_reloads(vit, tmp_path):
-    model, gm = vit
-    torch.manual_seed(0)
-    ours = graphpeft.rewrite(copy.deepcopy(gm), graphpeft.PrefixTuningConfig(num_virtual_tokens=V))
+def _step_save_reload(ours, gm, pixels, labels, extra, tmp_path):
+    """One SGD step moves exactly the trainable parameters; save -> from_pretrained gives equal logits."""
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
-    assert trainable == {"graph_module.prompt_encoder.default.embedding.weight"}
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-    pixels = inputs_for(model, batch=2)["pixel_values"]
-    loss = torch.nn.functional.cross_entropy(ours(pixel_values=pixels).logits, torch.tensor([0, 2]))
+    loss = torch.nn.functional.cross_entropy(ours(pixel_values=pixels, **extra).logits, labels)
     assert torch.isfinite(loss)
     loss.backward()
     torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1.0).step()
@@ -92,49 +88,17 @@ def test_prefix_trains_saves_and_reloads(vit, tmp_path):
     ours.eval().save_pretrained(tmp_path / "adapter")
     loaded = graphpeft.from_pretrained(copy.deepcopy(gm), tmp_path / "adapter").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values=pixels).logits, ours(pixel_values=pixels).logits,
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(loaded(pixel_values=pixels, **extra).logits,
+                                   ours(pixel_values=pixels, **extra).logits, atol=ATOL, rtol=0)
 
 
-# -- Visual Prompt Tuning: virtual tokens after the class token ------------------------------------------
-
-METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
-TASKS = torch.tensor([1, 0, 1])
-
-
-def _config(method, **kw):
-    if method == "prompt_tuning":
-        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
-    if method == "p_tuning":
-        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
-    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
-
-
-def _extra(method):
-    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
-
-
-def _prompts(ours, method, batch):
-    """The [B, V, H] prompts, from the rewritten model's own parameters (PEFT's formulas)."""
-    gm = ours.graph_module
-    if method == "prompt_tuning":
-        return get_attr_path(gm, "prompt_encoder.default.embedding.weight").expand(batch, -1, -1)
-    if method == "p_tuning":
-        return get_attr_path(gm, "prompt_encoder.default")().expand(batch, -1, -1)
-    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
-    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
-    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
-    return table * (cols[TASKS] @ rows[TASKS])
-
-
-def _vpt_oracle(model, pixels, prompts):
-    """ViT by hand: embeddings -> cat(CLS, prompts, patches) -> layers -> layernorm -> classifier(token 0)."""
-    with torch.no_grad():
-        h = model.vit.embeddings(pixels)
-        h = torch.cat([h[:, :1], prompts, h[:, 1:]], 1)
-        for layer in model.vit.layers:
-            h = layer(h)
-        return model.classifier(model.vit.layernorm(h)[:, 0])
+def test_prefix_trains_saves_and_reloads(vit, tmp_path):
+    model, gm = vit
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), graphpeft.PrefixTuningConfig(num_virtual_tokens=V))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        "graph_module.prompt_encoder.default.embedding.weight"}
+    _step_save_reload(ours, gm, inputs_for(model, batch=2)["pixel_values"], torch.tensor([0, 2]), {}, tmp_path)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -165,19 +129,8 @@ def test_virtual_tokens_train_save_and_reload(method, vit, tmp_path):
     ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method))
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all(".prompt_encoder." in n for n in trainable)
-    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-    pixels = inputs_for(model, batch=3)["pixel_values"]
-    logits = ours(pixel_values=pixels, **_extra(method)).logits
-    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 1]))
-    assert torch.isfinite(loss)
-    loss.backward()
-    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1.0).step()
-    assert {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])} == trainable
-    ours.eval().save_pretrained(tmp_path / "adapter")
-    loaded = graphpeft.from_pretrained(copy.deepcopy(gm), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values=pixels, **_extra(method)).logits,
-                                   ours(pixel_values=pixels, **_extra(method)).logits, atol=ATOL, rtol=0)
+    _step_save_reload(ours, gm, inputs_for(model, batch=3)["pixel_values"], torch.tensor([0, 2, 1]), _extra(method),
+                      tmp_path)
 
 
 def test_vocabulary_inits_on_an_image_model_are_a_one_line_error(vit):

@@ -329,6 +329,14 @@ def _bloom():
                                               hidden_dropout=0.0, attention_dropout=0.0)).eval()
 
 
+def _copy_lora_into_peft(ours, pm):
+    """PEFT's LoRA weights set to graphpeft's, site by site."""
+    for path in pm.targeted_module_names:
+        layer = pm.base_model.model.get_submodule(path)
+        for part in ("lora_A", "lora_B"):
+            getattr(layer, part)["default"].weight.copy_(get_attr_path(ours.graph_module, f"{path}.{part}.default.weight"))
+
+
 def test_alibi_attention_is_found_and_lora_defaults_equal_peft_s_table_on_bloom():
     """BLOOM scores with baddbmm(alibi, q, k) on [batch*heads, q, k]: the attention sites are found, so LoRA's
     default targets (the projections feeding q and v) are query_key_value, PEFT's table entry for bloom."""
@@ -347,10 +355,7 @@ def test_alibi_attention_is_found_and_lora_defaults_equal_peft_s_table_on_bloom(
     assert sorted(r.module_path for r in ours.records) == sorted(pm.targeted_module_names) == [
         f"transformer.h.{i}.self_attention.query_key_value" for i in range(2)]
     with torch.no_grad():
-        for path in pm.targeted_module_names:
-            layer = pm.base_model.model.get_submodule(path)
-            for part in ("lora_A", "lora_B"):
-                getattr(layer, part)["default"].weight.copy_(get_attr_path(ours.graph_module, f"{path}.{part}.default.weight"))
+        _copy_lora_into_peft(ours, pm)
         torch.testing.assert_close(ours(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
 
 
@@ -370,10 +375,7 @@ def test_falcon_weights_read_through_numpy_T_are_sites_and_lora_defaults_equal_p
     assert sorted(r.module_path for r in ours.records) == sorted(pm.targeted_module_names)
     assert all(p.endswith("query_key_value") for p in pm.targeted_module_names)
     with torch.no_grad():
-        for path in pm.targeted_module_names:
-            layer = pm.base_model.model.get_submodule(path)
-            for part in ("lora_A", "lora_B"):
-                getattr(layer, part)["default"].weight.copy_(get_attr_path(ours.graph_module, f"{path}.{part}.default.weight"))
+        _copy_lora_into_peft(ours, pm)
         torch.testing.assert_close(ours(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
         merged = ours.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, pm(**batch).logits, atol=ATOL, rtol=0)
