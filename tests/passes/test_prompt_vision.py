@@ -101,6 +101,47 @@ def test_prefix_trains_saves_and_reloads(vit, tmp_path):
     _step_save_reload(ours, gm, inputs_for(model, batch=2)["pixel_values"], torch.tensor([0, 2]), {}, tmp_path)
 
 
+# -- Visual Prompt Tuning: virtual tokens after the class token ------------------------------------------
+
+METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+TASKS = torch.tensor([1, 0, 1])
+
+
+def _config(method, **kw):
+    if method == "prompt_tuning":
+        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
+    if method == "p_tuning":
+        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
+    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+
+
+def _extra(method):
+    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+
+
+def _prompts(ours, method, batch):
+    """The [B, V, H] prompts, from the rewritten model's own parameters (PEFT's formulas)."""
+    gm = ours.graph_module
+    if method == "prompt_tuning":
+        return get_attr_path(gm, "prompt_encoder.default.embedding.weight").expand(batch, -1, -1)
+    if method == "p_tuning":
+        return get_attr_path(gm, "prompt_encoder.default")().expand(batch, -1, -1)
+    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
+    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
+    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
+    return table * (cols[TASKS] @ rows[TASKS])
+
+
+def _vpt_oracle(model, pixels, prompts):
+    """ViT by hand: embeddings -> cat(CLS, prompts, patches) -> layers -> layernorm -> classifier(token 0)."""
+    with torch.no_grad():
+        h = model.vit.embeddings(pixels)
+        h = torch.cat([h[:, :1], prompts, h[:, 1:]], 1)
+        for layer in model.vit.layers:
+            h = layer(h)
+        return model.classifier(model.vit.layernorm(h)[:, 0])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_virtual_tokens_after_the_class_token_equal_the_hand_written_forward(method, vit):
     model, gm = vit
