@@ -30,6 +30,9 @@ neighbour slows all of them alike):
 (g) gradient checkpointing: the LoRA q,v step time and peak memory of PEFT and graphpeft with and without
     it (PEFT: the model's gradient_checkpointing_enable; graphpeft: the graph cut at its layers, each
     layer recomputed in the backward pass; both non-reentrant).
+(h) QLoRA (Llama workload, needs the quant extra): LoRA q,v on the float base and on the same base quantized
+    to NF4 (bitsandbytes 4-bit, graphpeft.quantized.quantize_model), PEFT and graphpeft: step time and peak
+    memory (held tensors, the packed weights included, plus the step's allocations).
 
 Prints tables of times and ratios and the issue's targets (met or missed); writes everything to JSON.
 """
@@ -45,6 +48,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")                # no profiler star
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")   # compile times are cold, not from an earlier run
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -266,8 +270,20 @@ def _storage_bytes(tensors: list) -> int:
     return total
 
 
+def _quant_state_tensors(model: torch.nn.Module) -> list:
+    """bitsandbytes keeps a 4-bit weight's scales on the parameter (``quant_state``), not as buffers."""
+    tensors = []
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            tensors += [getattr(state, "absmax", None), getattr(state, "code", None)]
+            state = getattr(state, "state2", None)
+    return tensors
+
+
 def held_bytes(c: Config) -> int:
-    tensors = [*c.model.parameters(), *c.model.buffers(), *(p.grad for p in c.model.parameters())]
+    tensors = [*c.model.parameters(), *c.model.buffers(), *(p.grad for p in c.model.parameters()),
+               *_quant_state_tensors(c.model)]
     if c.optimizer is not None:
         tensors += [v for state in c.optimizer.state.values() for v in state.values()]
     return _storage_bytes(tensors)
@@ -571,6 +587,39 @@ def print_checkpointing(res: dict[str, Any]) -> None:
               f"{_fmt(_ratio(mem[n], mem.get(peer))) if peer else '':>11}")
 
 
+# -- (h) QLoRA ------------------------------------------------------------------------------------------------
+
+def qlora(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> dict[str, Any]:
+    """LoRA q,v on the float base and on its NF4 copy, PEFT and graphpeft: step time and peak memory."""
+    import peft
+
+    from graphpeft.quantized import quantize_model
+
+    nf4 = quantize_model(copy.deepcopy(w.model), "nf4")
+    models: dict[str, torch.nn.Module] = {}
+    for suffix, base in (("", w.model), (" on nf4", nf4)):
+        torch.manual_seed(0)
+        models[f"peft lora q,v{suffix}"] = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=w.qv)).train()
+        torch.manual_seed(0)
+        models[f"graphpeft lora q,v{suffix}"] = graphpeft.rewrite(
+            base, graphpeft.LoraConfig(r=r, lora_alpha=alpha, target_modules=w.qv)).train()
+    configs = [Config(n, m, m, _optimizer(m)) for n, m in models.items()]
+    time_round_robin(configs, w, reps, warmup)
+    return {"step_s": {c.name: median(c.times) for c in configs}, "peak_mib": measure_memory(configs, w)}
+
+
+def print_qlora(res: dict[str, Any]) -> None:
+    step, mem = res["step_s"], res["peak_mib"]
+    print(f"\n(h) QLoRA (LoRA q,v){'':<26} step ms  /float  peak MiB  /float   step /peft  peak /peft")
+    for n in step:
+        plain = n.replace(" on nf4", "")
+        peer = n.replace("graphpeft", "peft") if n.startswith("graphpeft") else None
+        print(f"    {n:<42} {1000 * step[n]:>7.1f} {step[n] / step[plain]:>7.3f} {mem[n]:>9.1f} "
+              f"{mem[n] / mem[plain]:>7.3f} {_fmt(_ratio(step[n], step.get(peer))) if peer else '':>12} "
+              f"{_fmt(_ratio(mem[n], mem.get(peer))) if peer else '':>11}")
+
+
 # -- one workload -------------------------------------------------------------------------------------------
 
 def bench_workload(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
@@ -614,6 +663,12 @@ def bench_workload(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
         del models
         print("(g) gradient checkpointing ...", flush=True)
         result["checkpointing"] = checkpointing(w, args.r, args.alpha, args.reps, args.warmup)
+    if args.qlora and w.name.startswith("llama"):
+        print("(h) QLoRA: LoRA on an NF4 base ...", flush=True)
+        if importlib.util.find_spec("bitsandbytes") is None:
+            print("  skipped: bitsandbytes is not installed (pip install 'graphpeft[quant]')")
+        else:
+            result["qlora"] = qlora(w, args.r, args.alpha, args.reps, args.warmup)
     return result
 
 
@@ -671,6 +726,8 @@ def print_workload(name: str, res: dict[str, Any]) -> None:
             print(f"    decode step at {gen['prompt_tokens']} cached, {name:<38} {ms:>7.2f} ms")
     if "checkpointing" in res:
         print_checkpointing(res["checkpointing"])
+    if "qlora" in res:
+        print_qlora(res["qlora"])
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, Optional[float], float, Optional[bool]]]:
@@ -707,6 +764,13 @@ def targets(results: dict[str, Any]) -> list[tuple[str, Optional[float], float, 
                 rows.append((f"generate {name} / PEFT generate", _ratio(g[f"graphpeft {name}"], g[f"peft {name}"]), 1.0))
             steps = list(gen["step_ms"].values())
             rows.append(("unmerged LoRA decode step / merged decode step", _ratio(steps[0], steps[1]), 1.05))
+        q = llama.get("qlora")
+        if q is not None:
+            st, pk = q["step_s"], q["peak_mib"]
+            rows.append(("QLoRA (NF4) peak memory / PEFT QLoRA's", _ratio(pk["graphpeft lora q,v on nf4"],
+                                                                         pk["peft lora q,v on nf4"]), 1.0))
+            rows.append(("QLoRA (NF4) step / PEFT QLoRA step", _ratio(st["graphpeft lora q,v on nf4"],
+                                                                     st["peft lora q,v on nf4"]), 1.0))
         ort = llama.get("ort", {})
         rows.append(("ONNX Runtime step / PyTorch eager step",
                      _ratio(ort.get("step_s"), e["graphpeft lora q,v"]) if "step_s" in ort else None, 0.8))
@@ -760,6 +824,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--gen-prompt", type=int, default=400, help="prompt tokens for (f) (default 400; quick: 64)")
     parser.add_argument("--gen-new", type=int, default=48, help="new tokens for (f) (default 48; quick: 8)")
     parser.add_argument("--gen-reps", type=int, default=3, help="timed generate calls per configuration (default 3)")
+    parser.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=True,
+                        help="(h) LoRA on the float base and on its NF4 copy, PEFT and graphpeft (default: on; "
+                             "skipped without bitsandbytes)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="(g) gradient checkpointing with and without, PEFT and graphpeft (default: on)")
     parser.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
