@@ -53,9 +53,12 @@ def apply_modules_to_save(gm: fx.GraphModule, names: Iterable[str], adapter: str
     They are saved as ``<key_prefix><module path>.<name>`` (PEFT: ``base_model.`` for methods that
     leave the model unwrapped, the prompt-learning ones).
     """
-    records = []
-    for path in _selected_modules(gm, names, set(adapter_params)):
+    records, adapter_params = [], set(adapter_params)
+    for path in _selected_modules(gm, names, adapter_params):
+        # the module's own parameters; a pass's parameters inside it (LoRA on a linear named "pre_classifier",
+        # which "classifier" matches by suffix) stay the pass's
         readers = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(path + ".")
+                   and str(n.target) not in adapter_params
                    and isinstance(get_attr_path(gm, str(n.target)), torch.nn.Parameter)]
         if not readers or any((RULE, adapter) in n.meta.get(REWRITTEN, ()) for n in readers):
             continue

@@ -23,8 +23,6 @@ EXPECTED_FAILURES = {
        for arch in ("wav2vec2", "hubert") for m in _PROMPTS},
     ("bloom", "prefix"): "ALiBi attention on 3-D [batch*heads, q, k] scores: prefix tuning is refused (4-D only)",
     ("deberta_v2", "prefix"): "DeBERTa-v2 attends over 3-D [batch*heads, seq, dim] keys: prefix tuning is refused",
-    ("distilbert", "lora-all-linear"): "SEQ_CLS's modules_to_save 'classifier' also matches pre_classifier, which "
-                                       "all-linear gives LoRA: the saved file does not load back",
 }
 
 

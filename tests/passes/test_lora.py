@@ -324,3 +324,27 @@ def test_a_module_called_twice_shares_one_adapter_as_in_peft(tmp_path):
     fresh = graphpeft.rewrite(copy.deepcopy(net), graphpeft.LoraConfig(**fields), example_inputs=(x,))
     assert fresh.get_nb_trainable_parameters() == peft.get_peft_model(
         copy.deepcopy(net), peft.LoraConfig(**fields)).get_nb_trainable_parameters()
+
+
+def test_a_lora_site_inside_a_module_to_save_keeps_its_lora_weights(tmp_path):
+    """SEQ_CLS saves "classifier" whole, and PEFT's suffix match takes DistilBERT's pre_classifier too, which
+    all-linear also gives LoRA. PEFT refuses the pair (TypeError: modules_to_save cannot be applied to a LoRA
+    layer); graphpeft trains both: the copy of pre_classifier's own weights, and LoRA on it, saved and
+    reloaded intact."""
+    from tests.models import tiny_distilbert
+
+    model = tiny_distilbert()
+    config = dict(task_type="SEQ_CLS", target_modules="all-linear")
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    ours = graphpeft.rewrite(copy.deepcopy(model), graphpeft.LoraConfig(**config, init_lora_weights=False))
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad and "pre_classifier" in n}
+    assert any(".lora_A." in n for n in trainable) and any(".modules_to_save." in n for n in trainable)
+    ours.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.pre_classifier.lora_A.weight", "base_model.model.pre_classifier.lora_B.weight",
+            "base_model.model.pre_classifier.weight", "base_model.model.classifier.weight"} <= keys
+    ids = torch.randint(3, 50, (2, 7))
+    again = graphpeft.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, atol=1e-6, rtol=0)
