@@ -577,13 +577,19 @@ def checkpointing(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> di
 
 
 def print_checkpointing(res: dict[str, Any]) -> None:
+    _print_variants("(g) gradient checkpointing (LoRA q,v)", res, " + checkpointing", "plain")
+
+
+def _print_variants(title: str, res: dict[str, Any], suffix: str, plain: str) -> None:
+    """Step time and peak memory of each configuration, against its plain twin (``suffix`` removed) and,
+    for graphpeft's, against PEFT's."""
     step, mem = res["step_s"], res["peak_mib"]
-    print(f"\n(g) gradient checkpointing (LoRA q,v){'':<9} step ms  /plain  peak MiB  /plain   step /peft  peak /peft")
+    print(f"\n{title:<46} step ms  /{plain:<6} peak MiB  /{plain:<6}  step /peft  peak /peft")
     for n in step:
-        plain = n.replace(" + checkpointing", "")
+        twin = n.replace(suffix, "")
         peer = n.replace("graphpeft", "peft") if n.startswith("graphpeft") else None
-        print(f"    {n:<42} {1000 * step[n]:>7.1f} {step[n] / step[plain]:>7.3f} {mem[n]:>9.1f} "
-              f"{mem[n] / mem[plain]:>7.3f} {_fmt(_ratio(step[n], step.get(peer))) if peer else '':>12} "
+        print(f"    {n:<42} {1000 * step[n]:>7.1f} {step[n] / step[twin]:>7.3f} {mem[n]:>9.1f} "
+              f"{mem[n] / mem[twin]:>7.3f} {_fmt(_ratio(step[n], step.get(peer))) if peer else '':>12} "
               f"{_fmt(_ratio(mem[n], mem.get(peer))) if peer else '':>11}")
 
 
@@ -610,14 +616,7 @@ def qlora(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> dict[str, 
 
 
 def print_qlora(res: dict[str, Any]) -> None:
-    step, mem = res["step_s"], res["peak_mib"]
-    print(f"\n(h) QLoRA (LoRA q,v){'':<26} step ms  /float  peak MiB  /float   step /peft  peak /peft")
-    for n in step:
-        plain = n.replace(" on nf4", "")
-        peer = n.replace("graphpeft", "peft") if n.startswith("graphpeft") else None
-        print(f"    {n:<42} {1000 * step[n]:>7.1f} {step[n] / step[plain]:>7.3f} {mem[n]:>9.1f} "
-              f"{mem[n] / mem[plain]:>7.3f} {_fmt(_ratio(step[n], step.get(peer))) if peer else '':>12} "
-              f"{_fmt(_ratio(mem[n], mem.get(peer))) if peer else '':>11}")
+    _print_variants("(h) QLoRA (LoRA q,v)", res, " on nf4", "float")
 
 
 # -- one workload -------------------------------------------------------------------------------------------
