@@ -124,9 +124,9 @@ def with_loss(out: Any, targets: dict, info: Any, input_length: Optional[int], l
 
     ``input_length``: the sequence length of the main input as given (before any prepended tokens).
     ``loss_kwargs`` (``num_items_in_batch`` from Trainer) reach the loss where the class passes its
-    ``**kwargs`` to ``self.loss_function``.
+    ``**kwargs`` to ``self.loss_function``. The caller has checked the targets (``check_targets``) before
+    running the graph.
     """
-    check_targets(targets, info)
     kind = head_kind(info.model_class, info.loss_type, is_encoder_decoder(info))
     fn = _mapped_loss(info, kind)
     kw = dict(loss_kwargs or {}) if fn is not None else {}

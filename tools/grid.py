@@ -134,14 +134,14 @@ def run_grid(archs: list[str], methods: list[str], progress: bool = False) -> li
         try:
             model = G.ARCHS[arch]()
             gm = graphpeft.capture(model)
+            batch = G.batch_for(model)                  # the same inputs for every method
+            targets = G.targets_for(model, batch)
             failure: Optional[CellError] = None
         except Exception as exc:
             model, gm, failure = None, None, CellError("capture", _reason(exc))
         for method in methods:
             t0 = time.perf_counter()
             if failure is None:
-                batch = G.batch_for(model)
-                targets = G.targets_for(model, batch)
                 try:
                     run_cell(gm, model, method, batch, targets)
                     cell = dict(ok=True, stage="", reason="")

@@ -3,24 +3,16 @@ the right figures (the benchmark itself is too slow for the suite; ``--quick`` r
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench.py"
+from tests.tool_scripts import tool_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("graphpeft_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with tool_module("bench.py") as module:
+        yield module
 
 
 def test_step_peak_counts_what_a_step_allocates_at_once(bench):

@@ -4,13 +4,9 @@ is slow and asserts that every cell passes but the expected failures listed (wit
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-GRID = Path(__file__).resolve().parents[2] / "tools" / "grid.py"
+from tests.tool_scripts import tool_module
 
 # (architecture, method) -> why it fails today; the whole-grid test fails when a listed cell starts passing
 _PROMPTS = ("prompt", "p-tuning", "mpt")
@@ -28,12 +24,8 @@ EXPECTED_FAILURES = {
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("graphpeft_grid", GRID)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with tool_module("grid.py") as module:
+        yield module
 
 
 def _failures(rows: list[dict]) -> dict:
