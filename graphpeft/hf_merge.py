@@ -23,14 +23,16 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from graphpeft import registry
 from graphpeft.errors import GraphPeftError
+from graphpeft.quantized import is_quantized, requantized_parameter
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import get_attr_path
 
 
-def merged_hf_model(peft_model: Any, source: nn.Module, records: Iterable[Rewrite]) -> nn.Module:
-    """An instance of ``type(source)`` with ``records``' adapters merged; ``source`` is not changed."""
+def merged_hf_model(peft_model: Any, source: nn.Module,
+                    merged_weights: Iterable[tuple[Rewrite, dict[str, torch.Tensor]]]) -> nn.Module:
+    """An instance of ``type(source)`` with the merged weights (each record's, by graph attribute) in place of its
+    own; ``source`` is not changed."""
     gm = peft_model.graph_module
     tensors = [*source.parameters(), *source.buffers()]
     model = copy.deepcopy(source, memo={id(t): t for t in tensors})    # modules and config copied, tensors shared
@@ -38,14 +40,16 @@ def merged_hf_model(peft_model: Any, source: nn.Module, records: Iterable[Rewrit
     for group in {id(g): g for g in _aliases(model).values()}.values():
         # the graph module's current tensors (device moves, loaded weights), one per group of tied names
         current = next((t for t in map(lambda n: _attr_or_none(gm, n), group) if isinstance(t, torch.Tensor)), None)
-        if current is not None and current is not _attr_or_none(model, group[0]):
+        own = _attr_or_none(model, group[0])
+        if is_quantized(own):
+            continue        # the graph holds the packed data of the model's own quantized parameter
+        if current is not None and current is not own:
             for name in group:
                 _assign(model, name, current)
     merged: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for rec in records:
-            for attr, value in registry.rule(rec.rule).merged_weights(gm, rec).items():
-                merged[_hf_name(model, rec, attr)] = value
+    for rec, weights in merged_weights:
+        for attr, value in weights.items():
+            merged[_hf_name(model, rec, attr)] = value
     aliases = _aliases(model)
     untie = False
     for name, value in merged.items():
@@ -55,6 +59,11 @@ def merged_hf_model(peft_model: Any, source: nn.Module, records: Iterable[Rewrit
         others = [n for n in aliases.get(name, ()) if n != name and n not in merged]
         untie |= bool(others)
         old = _attr_or_none(model, name)
+        owner_path, _, leaf = name.rpartition(".")
+        quantized = requantized_parameter(old, value.detach(), model.get_submodule(owner_path))
+        if quantized is not None:       # a quantized base layer: dequantized, merged and re-quantized, as PEFT does
+            _assign(model, name, quantized, parameter=True)
+            continue
         _assign(model, name, value.detach().clone().requires_grad_(False) if isinstance(old, nn.Parameter)
                 else value.detach().clone(), parameter=isinstance(old, nn.Parameter))
     if untie:

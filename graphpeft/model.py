@@ -512,11 +512,10 @@ class GraphPeftModel(CapturedModel):
         loads and generates as any; otherwise a plain module running the merged graph. The model's own
         weights are not changed: merged weights are new tensors in the returned module.
         """
-        records = self._mergeable_records()
         source = self.__dict__.get("_source_model")
         if is_hf_model(source):
             from graphpeft.hf_merge import merged_hf_model
-            return merged_hf_model(self, source, records)
+            return merged_hf_model(self, source, self._merged_weights())
         return self.merged_graph()
 
     def _mergeable_records(self) -> list[Rewrite]:
@@ -525,22 +524,34 @@ class GraphPeftModel(CapturedModel):
         if unmergeable:
             raise GraphPeftError(f"{unmergeable[0]} adds tokens, not a weight update: it cannot be merged into "
                                  f"the weights; keep the adapter model as it is")
-        from graphpeft.quantized import refuse_merge
-        refuse_merge(self.graph_module, records)        # a quantized base weight: a one-line refusal
         return records
+
+    def _merged_weights(self) -> list[tuple[Rewrite, dict[str, torch.Tensor]]]:
+        """The active adapter's records, each with its merged weights (each rule's ``merged_weights``).
+
+        A quantized base weight is dequantized first, as its library does (graphpeft/quantized.py), so the merged
+        value is the float W + s B A that PEFT re-quantizes.
+        """
+        from graphpeft.quantized import dequantized_weights
+
+        records = self._mergeable_records()
+        gm = self.graph_module
+        with torch.no_grad(), dequantized_weights(gm, [r.info.get("weight") for r in records if r.info]):
+            return [(rec, registry.rule(rec.rule).merged_weights(gm, rec)) for rec in records]
 
     def merged_graph(self) -> CapturedModel:
         """The base graph with the active adapter merged into its weights, behind the model's call signature."""
-        records = self._mergeable_records()
+        from graphpeft.quantized import store_requantized
+
         graph = copy_graph(self._base_graph)
         merged = fx.GraphModule(self.graph_module, graph, class_name="MergedGraph")
         merged.meta[CAPTURE_META] = capture_info(self.graph_module)
         nodes = {n.name: n for n in graph.nodes}
         with torch.no_grad():
-            for rec in records:
-                weights = registry.rule(rec.rule).merged_weights(self.graph_module, rec)
+            for rec, weights in self._merged_weights():
                 for attr, value in weights.items():
-                    _set_weight(merged, attr, value, nodes.get(rec.anchor) if rec.kind != "module" else None)
+                    if not store_requantized(merged, attr, value):      # a quantized base: re-quantized, as PEFT
+                        _set_weight(merged, attr, value, nodes.get(rec.anchor) if rec.kind != "module" else None)
         graph.eliminate_dead_code()
         merged.recompile()
         merged.delete_all_unused_submodules()

@@ -6,7 +6,7 @@ capture, each quantized layer is swapped for a stand-in module that holds the sa
 not copied) and calls one custom op (graphpeft/quantized_ops.py):
 
     bitsandbytes Linear4bit (NF4/FP4, double quant)  ->  graphpeft::linear_4bit(x, W4, b, absmax, ...)
-    bitsandbytes Linear8bitLt (int8, has_fp16_weights=False) ->  graphpeft::linear_int8(x, W8, b, SCB/127, ...)
+    bitsandbytes Linear8bitLt (int8, has_fp16_weights=False) ->  graphpeft::linear_int8(x, W8, b, SCB, 1/127, ...)
     nn.Linear with a torchao Int8Tensor weight (per row)    ->  graphpeft::linear_int8(x, W8, b, scale, ...)
 
 before (eager):  x ─ Linear4bit(Params4bit) ─ y
@@ -20,6 +20,12 @@ trained on such a base has PEFT's keys, so its adapter loads on the quantized an
 ``quantize_model`` quantizes a loaded model in place (the command line's ``--quantize``: ``nf4``, ``fp4``,
 ``int8``, ``torchao-int8``), ``load_quantized`` loads a checkpoint quantized through transformers; without the
 libraries both raise a one-line error naming the ``graphpeft[quant]`` extra.
+
+Merging (PEFT's merge into bitsandbytes / torchao layers): each adapted weight is dequantized as its library does,
+a rule forms W' = W + s B A (or W * l) on that float32 weight, and W' is quantized again into the same kind:
+
+    merged graph:  linear_4bit(x, W4, absmax, ...)        ->  linear_4bit(x, quant(W')4, absmax', ...)
+    merged model:  Linear4bit(Params4bit(W))               ->  Linear4bit(Params4bit(W'))   (Int8Params, Int8Tensor alike)
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from graphpeft.errors import GraphPeftError
+from graphpeft.rewriter import get_attr_path, own_module
 
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "torchao-int8")
+BNB_INT8_FACTOR = 1.0 / 127.0       # bitsandbytes' int8 row statistic SCB is the row's absmax: W = CB * SCB / 127
 _EXTRA = "pip install 'graphpeft[quant]'"
 
 
@@ -77,6 +85,7 @@ class Linear4bitGraph(nn.Module):
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self.blocksize, self.quant_type = int(state.blocksize), str(state.quant_type)
         self.compute_dtype: Optional[torch.dtype] = getattr(layer, "compute_dtype", None)
+        self.weight_dtype: torch.dtype = state.dtype          # what bitsandbytes dequantizes into
         self.weight = _frozen(weight.data)
         self.bias = layer.bias
         self.register_buffer("absmax", state.state2.absmax if state.nested else state.absmax)
@@ -89,24 +98,28 @@ class Linear4bitGraph(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the op casts to the compute dtype itself: a rule's branch sees x as the layer does, as in PEFT
         return torch.ops.graphpeft.linear_4bit(x, self.weight, self.bias, self.absmax, self.code, self.absmax_8bit,
-                                               self.absmax_code, self.offset, self.compute_dtype, self.blocksize,
-                                               self.quant_type, self.in_features, self.out_features)
+                                               self.absmax_code, self.offset, self.compute_dtype, self.weight_dtype,
+                                               self.blocksize, self.quant_type, self.in_features, self.out_features)
 
 
 class LinearInt8Graph(nn.Module):
-    """An int8 weight with one scale per output row (bitsandbytes 8-bit, torchao int8 weight-only)."""
+    """An int8 weight with one scale per output row (bitsandbytes 8-bit, torchao int8 weight-only).
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], scale_output: bool):
+    The weight is ``W8 * (scale * factor)`` row by row: bitsandbytes keeps ``SCB`` (factor 1/127), torchao the scale.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], scale_output: bool,
+                 factor: float = 1.0):
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-        self.scale_output = scale_output
+        self.scale_output, self.factor = scale_output, factor
         self.weight = _frozen(weight)
         self.bias = bias
         self.register_buffer("scale", scale.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return torch.ops.graphpeft.linear_int8(x, self.weight, bias, self.scale, self.scale_output,
+        return torch.ops.graphpeft.linear_int8(x, self.weight, bias, self.scale, self.scale_output, self.factor,
                                                self.in_features, self.out_features)
 
 
@@ -118,7 +131,7 @@ def _int8_bnb(layer: nn.Module) -> nn.Module:
     if cb is None or scb is None:
         raise GraphPeftError(f"{type(layer).__name__} holds no int8 weight yet; move the model to its device "
                              f"(bitsandbytes quantizes on .to()) before rewriting it")
-    return LinearInt8Graph(cb.data, scb.mul(1.0 / 127.0), layer.bias, scale_output=False)
+    return LinearInt8Graph(cb.data, scb, layer.bias, scale_output=False, factor=BNB_INT8_FACTOR)
 
 
 def _int8_torchao(layer: nn.Linear, path: str) -> nn.Module:
@@ -255,20 +268,140 @@ def load_quantized(auto_class: Any, name: str, quantize: str, **kwargs: Any) -> 
     return auto_class.from_pretrained(name, quantization_config=config, **kwargs)
 
 
-# -- merging --------------------------------------------------------------------------------------
+# -- merging: dequantize, merge, re-quantize ------------------------------------------------------
 
-def refuse_merge(gm: nn.Module, records: Any) -> None:
-    """Merging into a quantized weight is refused (one line): W + s B A does not fit the packed storage."""
-    from graphpeft.rewriter import get_attr_path
+def quantized_readers(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Weight attribute -> the quantized linear op of ``gm`` that reads it as its packed weight (args[1])."""
+    from graphpeft.match import QUANTIZED_LINEAR
 
-    for rec in records:
-        name = (getattr(rec, "info", None) or {}).get("weight")
-        try:
-            weight = get_attr_path(gm, name) if name else None
-        except AttributeError:
-            continue
-        if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-            raise GraphPeftError(
-                f"cannot merge into {rec.module_path}: its base weight is stored quantized ({weight.dtype}); load the "
-                f"base model unquantized, graphpeft.from_pretrained(model, adapter_dir), and merge there (the adapter "
-                f"files are the same), or keep the adapter model as it is")
+    return {node.args[1].target: node for node in gm.graph.nodes
+            if node.op == "call_function" and node.target in QUANTIZED_LINEAR
+            and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr"}
+
+
+def _operands(gm: fx.GraphModule, node: fx.Node) -> list[Any]:
+    return [get_attr_path(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in node.args]
+
+
+def dequantized(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The float32 weight [out, in] a quantized linear op computes with, dequantized as its library does."""
+    args = _operands(gm, node)
+    if "linear_4bit" in str(node.target):
+        from graphpeft.quantized_ops import dequantize_4bit
+
+        _, weight, _, absmax, code, absmax_8bit, absmax_code, offset, _, dtype, blocksize, kind, fin, fout = args
+        return dequantize_4bit(weight, absmax, code, absmax_8bit, absmax_code, offset, blocksize, kind, fin, fout,
+                               dtype=dtype).float()
+    _, weight, _, scale, scale_output, factor, fin, fout = args
+    if scale_output:    # torchao: Int8Tensor.dequantize()
+        from torchao.quantization.quant_primitives import dequantize_affine
+
+        return dequantize_affine(weight, (1, fin), scale.reshape(-1, 1), None, torch.int8,
+                                 output_dtype=scale.dtype).float()
+    from bitsandbytes.functional import int8_vectorwise_dequant      # what PEFT's merge dequantizes with
+
+    return int8_vectorwise_dequant(weight, scale).float()
+
+
+def _requantized_operands(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor) -> dict[int, Any]:
+    """Argument index -> new value of ``node``'s quantized operands for the float ``weight`` (as its library does)."""
+    args = _operands(gm, node)
+    if "linear_4bit" in str(node.target):
+        from bitsandbytes.functional import quantize_4bit
+
+        nested = args[5] is not None
+        packed, state = quantize_4bit(weight, blocksize=args[10], compress_statistics=nested, quant_type=args[11],
+                                      quant_storage=args[1].dtype)
+        if not nested:
+            return {1: packed, 3: state.absmax, 4: state.code, 9: weight.dtype}
+        return {1: packed, 3: state.state2.absmax, 4: state.code, 5: state.absmax, 6: state.state2.code,
+                7: torch.as_tensor(state.offset), 9: weight.dtype}
+    if args[4]:
+        qdata, scale = _torchao_int8(weight)
+        return {1: qdata, 3: scale.flatten().to(args[3].dtype)}
+    from bitsandbytes.functional import int8_vectorwise_quant      # Int8Params quantizes from float16
+
+    cb, scb, _ = int8_vectorwise_quant(weight.to(torch.float16))
+    return {1: cb, 3: scb}
+
+
+def _torchao_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = _torchao_requantized(weight)
+    return layer.weight.qdata, layer.weight.scale
+
+
+def _torchao_requantized(weight: torch.Tensor) -> nn.Linear:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    quantize_(layer, Int8WeightOnlyConfig())
+    return layer
+
+
+@contextlib.contextmanager
+def dequantized_weights(gm: fx.GraphModule, attrs: Iterable[str]) -> Iterator[set[str]]:
+    """While the block runs, each quantized weight among ``attrs`` reads as its float32 weight (a rule's merge
+    computes W + s B A on it); yields the attributes so replaced. ``gm`` is restored afterwards."""
+    readers = quantized_readers(gm)
+    saved: list[tuple[str, dict, str, Any]] = []
+    try:
+        for attr in dict.fromkeys(a for a in attrs if a in readers):
+            owner_path, _, leaf = attr.rpartition(".")
+            owner = gm.get_submodule(owner_path)
+            store = owner._parameters if leaf in owner._parameters else owner._buffers
+            saved.append((attr, store, leaf, store[leaf]))
+            store[leaf] = nn.Parameter(dequantized(gm, readers[attr]), requires_grad=False)
+        yield {attr for attr, *_ in saved}
+    finally:
+        for _, store, leaf, old in reversed(saved):
+            store[leaf] = old
+
+
+def store_requantized(gm: fx.GraphModule, attr: str, weight: torch.Tensor) -> bool:
+    """Re-quantize the merged float ``weight`` into the quantized op of ``gm`` reading ``attr``; False when no
+    quantized op reads it. The op's packed operands become new tensors of ``gm``'s own (the source keeps its own)."""
+    node = quantized_readers(gm).get(attr)
+    if node is None:
+        return False
+    for index, value in _requantized_operands(gm, node, weight).items():
+        operand = node.args[index]
+        if isinstance(operand, fx.Node):
+            owner_path, _, leaf = operand.target.rpartition(".")
+            owner = own_module(gm, owner_path)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+            else:
+                owner._buffers[leaf] = value
+        else:
+            node.update_arg(index, value)
+    return True
+
+
+def is_quantized(tensor: Any) -> bool:
+    """A bitsandbytes (Params4bit, Int8Params) or torchao quantized parameter."""
+    return type(tensor).__name__ in ("Params4bit", "Int8Params") or type(tensor).__module__.startswith("torchao")
+
+
+def requantized_parameter(old: torch.Tensor, weight: torch.Tensor, owner: nn.Module) -> Optional[nn.Parameter]:
+    """A new quantized parameter of ``old``'s kind (bitsandbytes Params4bit / Int8Params, torchao Int8Tensor)
+    holding the merged float ``weight``, quantized as PEFT's merge does; None when ``old`` is not quantized.
+    ``owner`` is the layer the parameter will belong to (bitsandbytes keeps its quantization state there)."""
+    kind = type(old).__name__
+    if not is_quantized(old):
+        return None
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        options = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        options.update(requires_grad=False, bnb_quantized=False, module=owner)
+        return bnb.nn.Params4bit(weight.to("cpu"), **options).to(old.device)
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
+                                has_fp16_weights=old.has_fp16_weights).to(old.device)
+        if getattr(owner, "state", None) is not None:
+            owner.state.reset_grads()       # the layer's cached int8 state belongs to the old weight
+        return new
+    return _torchao_requantized(weight.to(old.device)).weight

@@ -7,6 +7,7 @@ that adapter on a fresh copy of the same quantized base; outputs agree, and agai
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 
@@ -52,6 +53,12 @@ def _load(folder, kind, auto=AutoModelForCausalLM, **kwargs):
         return auto.from_pretrained(folder, quantization_config=config, device_map="cpu", **kwargs)
     if kind is None:
         return auto.from_pretrained(folder, **kwargs)
+    if kind == "torchao-config":     # torchao int8 weight-only through transformers, which records the config
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return auto.from_pretrained(folder, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()),
+                                    device_map="cpu", **kwargs)
     return load_quantized(auto, folder, kind, **kwargs)
 
 
@@ -160,12 +167,72 @@ def test_encoder_classifier_on_nf4_matches_peft(tmp_path, ids):
     torch.testing.assert_close(_logits(gm, ids), _logits(pm, ids), atol=ATOL, rtol=0)
 
 
-def test_merge_into_quantized_base_is_refused(llama_dir):
-    gm = graphpeft.rewrite(_load(llama_dir, "nf4"), graphpeft.LoraConfig(**LORA))
-    with pytest.raises(GraphPeftError, match="stored quantized .* load the base model unquantized"):
-        gm.merge_and_unload()
-    with pytest.raises(GraphPeftError, match="stored quantized"):
-        graphpeft.merge_for_inference(gm)
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("nf4-dq", marks=SLOW), "int8", "torchao-config"])
+def test_lora_merge_on_quantized_base_matches_peft(kind, llama_dir, ids, tmp_path):
+    """PEFT's merge into a quantized layer: dequantize, W + s B A, re-quantize. The merged model is the model's own
+    class with quantized layers holding the very bytes PEFT's merge gives, and the same outputs; the merged graph
+    (merge_for_inference) computes the same. (torchao: loaded through transformers' TorchAoConfig, without which
+    PEFT cannot re-quantize and refuses; graphpeft knows the config, Int8WeightOnlyConfig, either way.)"""
+    torch.manual_seed(6)
+    gm = graphpeft.rewrite(_load(llama_dir, kind), graphpeft.LoraConfig(**LORA))
+    gm.save_pretrained(tmp_path)
+    pm = peft.PeftModel.from_pretrained(_load(llama_dir, kind), str(tmp_path))
+    with pytest.warns(UserWarning, match="rounding errors") if "torchao" not in kind else contextlib.nullcontext():
+        theirs = pm.merge_and_unload()
+    ours = gm.merge_and_unload()
+    assert type(ours) is type(theirs)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        mine, peft_weight = get_attr_path(ours, name), get_attr_path(theirs, name)
+        assert type(mine) is type(peft_weight) and not _packed(mine).is_floating_point()
+        assert torch.equal(_packed(mine), _packed(peft_weight)), name
+    assert _packed(get_attr_path(ours, "model.layers.0.self_attn.q_proj.weight")) is not \
+        _packed(get_attr_path(gm.__dict__["_source_model"], "model.layers.0.self_attn.q_proj.weight"))
+    merged_logits = _logits(ours, ids)
+    torch.testing.assert_close(merged_logits, _logits(theirs, ids), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(graphpeft.merge_for_inference(gm)(input_ids=ids).logits, merged_logits,
+                                   atol=ATOL, rtol=0)
+    assert not torch.allclose(_logits(gm, ids), merged_logits, atol=ATOL), "the adapter had no effect to merge"
+
+
+def _packed(weight):
+    return getattr(weight, "qdata", weight.data)
+
+
+@pytest.mark.parametrize("method", ["ia3", pytest.param("adalora", marks=SLOW)])
+def test_ia3_and_adalora_merge_on_nf4_requantize_the_merged_weight(method, llama_dir, ids, tmp_path):
+    """PEFT refuses these merges on bitsandbytes layers (no merge for IA3/AdaLoRA there); graphpeft does what it does
+    for LoRA. The oracle is the mathematics: the merged layer holds quantize_4bit(dequantize_4bit(W) * l) for (IA)^3,
+    and the saved merged model reloads through transformers with equal outputs."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    if method == "ia3":
+        config = graphpeft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                     init_ia3_weights=False)
+    else:
+        config = graphpeft.AdaLoraConfig(target_modules=["q_proj", "down_proj"], init_r=4, target_r=2, total_step=10,
+                                         init_lora_weights=False)
+    torch.manual_seed(7)
+    base = _load(llama_dir, "nf4")
+    gm = graphpeft.rewrite(base, config)
+    merged = gm.merge_and_unload()
+    expected = {}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        old = get_attr_path(base, f"{name}.weight")
+        w = dequantize_4bit(old.data, old.quant_state).float()
+        if method == "ia3":
+            vector = next(p for k, p in gm.named_parameters() if name in k and "ia3_l" in k).detach()
+            w = w * vector.reshape(1, -1) if "down_proj" in name else w * vector.reshape(-1, 1)
+        else:
+            info = next(r for r in gm.records if r.module_path == name).info
+            a, b, e, ranknum = (get_attr_path(gm.graph_module, info[f"{n}_attr"]).detach()
+                                for n in ("lora_A", "lora_B", "lora_E", "ranknum"))
+            w = w + (b @ (a * e)) * info["scaling"] / (ranknum + 1e-5)
+        packed, _ = quantize_4bit(w, blocksize=old.blocksize, quant_type=old.quant_type)
+        assert torch.equal(get_attr_path(merged, f"{name}.weight").data, packed), name
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), device_map="cpu")
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(merged, ids), atol=ATOL, rtol=0)
 
 
 def test_dora_on_quantized_base_is_declined(llama_dir):
