@@ -210,11 +210,18 @@ class AdaLoraRule(Rule):
             args = _conv_args(site.node)
             h = rw.call(aten.conv2d.default, x, delta, None, args["stride"], args["padding"], args["dilation"], 1)
         else:
-            x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
+            x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
+            # a quantized base keeps the triplets in float32, as PEFT: x cast in before the dropout, the branch cast
+            # back before its scaling, and the sum stored in the activation's dtype (PEFT's in-place add)
+            act = getattr(site.node.meta.get("val"), "dtype", None) if site.quantized else None
+            act = act if act is not None and act != a.dtype else None
+            x = self._dropout(rw, rw.call(aten._to_copy.default, x, dtype=a.dtype) if act else x)
             h = rw.call(aten.matmul.default, x, rw.call(aten.t.default, ae))
             h = rw.call(aten.matmul.default, h, rw.call(aten.t.default, rw.get_param(attrs["lora_B"])))
-            h = self._scaled(rw, h, scale, attrs["ranknum"])
+            h = self._scaled(rw, rw.call(aten._to_copy.default, h, dtype=act) if act else h, scale, attrs["ranknum"])
         out = rw.call(aten.add.Tensor, site.node, h)
+        if site.kind != "conv" and act:
+            out = rw.call(aten._to_copy.default, out, dtype=act)
         rw.replace_uses(site.node, out)
         return rw.record(r=r, init_r=cfg.init_r, lora_alpha=cfg.lora_alpha, scaling=scale, weight=site.weight_name,
                          layout="in_out" if site.kind in ("addmm", "mm") else "out_in",

@@ -132,14 +132,18 @@ class IA3Rule(Rule):
         attr = rw.add_parameter(f"{path}.ia3_l.{name}", init.to(device=weight.device, dtype=dtype),
                                 f"base_model.model.{path}.ia3_l")
         node = site.node
+        # a quantized base keeps l in float32, as PEFT; the product returns to the activation's dtype (where PEFT's
+        # own 4-bit layer lets float32 leak into a bfloat16 model and fails)
+        act = getattr(node.meta.get("val"), "dtype", None) if site.quantized else None
+        act = act if act is not None and act != dtype else None
         if feedforward:
             x = node.args[1] if site.kind == "addmm" else node.args[0]
             rw.start_before(node)
             scaled = rw.call(aten.mul.Tensor, x, self._vector(rw, attr, site))
-            rw.replace_input(node, x, scaled)
+            rw.replace_input(node, x, rw.call(aten._to_copy.default, scaled, dtype=act) if act else scaled)
         else:
             out = rw.call(aten.mul.Tensor, node, self._vector(rw, attr, site))
-            rw.replace_uses(node, out)
+            rw.replace_uses(node, rw.call(aten._to_copy.default, out, dtype=act) if act else out)
         layout = "conv" if site.kind == "conv" else ("in_out" if site.kind in ("addmm", "mm") else "out_in")
         return rw.record(feedforward=feedforward, weight=site.weight_name, bias=_bias_name(gm, site), layout=layout,
                          groups=_conv_groups(node) if site.kind == "conv" else 1)

@@ -170,12 +170,14 @@ class LoraRule(Rule):
         in_out = site.kind in ("addmm", "mm")
         a, b = self._starting_pair(rw, site, r, scale, weight, weight.T if in_out else weight)
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
-        x = self._dropout(rw, site.node.args[1] if site.kind == "addmm" else site.node.args[0])
-        # a quantized base keeps the adapter in float32 (PEFT's dtype there): x in, the branch out cast as PEFT does
+        x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
+        # a quantized base keeps the adapter in float32 (PEFT's dtype there): x cast in before the dropout, the
+        # branch cast out, as PEFT does
         act = getattr(site.node.meta.get("val"), "dtype", None) if site.quantized else None
         cast = act is not None and act != a.dtype
         if cast:
             x = rw.call(aten._to_copy.default, x, dtype=a.dtype)
+        x = self._dropout(rw, x)
         h = rw.call(aten.linear.default, x, rw.get_param(a_attr))
         if not self.config.use_dora:
             bias = self._lora_bias(rw, site.module_path, r, site.out_features, weight)

@@ -150,6 +150,38 @@ def test_other_methods_on_nf4_match_peft(method, llama_dir, ids, tmp_path):
     torch.testing.assert_close(_logits(gm, ids), _logits(pm, ids), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["ia3", pytest.param("adalora", marks=SLOW)])
+def test_ia3_and_adalora_on_a_bfloat16_nf4_model(method, llama_dir, ids, tmp_path):
+    """A bfloat16 model on NF4: the adapter stays float32 (PEFT's dtype on quantized bases) and each adapted layer
+    still hands bfloat16 on. AdaLoRA equals PEFT, logits and after a step. PEFT's own 4-bit IA3 lets float32 leak
+    into the bfloat16 model and fails in attention (query bfloat16, key float32); there the oracle is PEFT's IA3
+    layers with the cast back to the layer's input dtype that their code intends (a forward hook)."""
+    if method == "ia3":
+        config = graphpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                     init_ia3_weights=False)
+    else:
+        config = graphpeft.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_r=4,
+                                         target_r=2, total_step=10, init_lora_weights=False)   # PEFT's regulariser on
+    torch.manual_seed(8)
+    gm = graphpeft.rewrite(_load(llama_dir, "nf4-bf16-model"), config)
+    gm.save_pretrained(tmp_path)
+    pm = peft.PeftModel.from_pretrained(_load(llama_dir, "nf4-bf16-model"), str(tmp_path), is_trainable=True)
+    if method == "ia3":
+        layers = [m for m in pm.modules() if type(m).__module__ == "peft.tuners.ia3.bnb"]
+        assert layers
+        for layer in layers:
+            layer.register_forward_hook(lambda module, args, out: out.to(args[0].dtype))
+    for name, param in pm.named_parameters():
+        if ".ranknum." in name:     # PEFT 0.21.2: from_pretrained(is_trainable=True) unfreezes AdaLoRA's ranknum,
+            param.requires_grad_(False)     # which get_peft_model keeps frozen (as graphpeft does)
+    assert {p.dtype for p in gm.parameters() if p.requires_grad} == {torch.float32}
+    ours = _logits(gm, ids)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, _logits(pm, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_grads_step(gm, ids), _grads_step(pm, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(gm, ids), _logits(pm, ids), atol=ATOL, rtol=0)
+
+
 def test_encoder_classifier_on_nf4_matches_peft(tmp_path, ids):
     folder = tmp_path / "bert"
     tiny_bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(folder)
