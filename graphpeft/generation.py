@@ -45,6 +45,7 @@ from graphpeft import registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.hoist import flatten_attribute_reads, hoist_parameter_ops
+from graphpeft.lean_calls import lean_calls
 from graphpeft.rewriter import EXTRA_INPUTS, MODEL_HALF, copy_graph, get_attr_path
 
 _STATE = "_graphpeft_generation"          # GraphPeftModel.__dict__ entry: {key: _Graphs}, plus the proxy
@@ -325,6 +326,7 @@ def _build(peft_model: Any, adapter_name: Optional[str]) -> _Graphs:
             bound.recompile()
         hoist_parameter_ops(bound)         # e.g. the fused cat(A_q, A_k, A_v): once, not once per token
         flatten_attribute_reads(bound)     # one attribute read per weight per call, not one per module level
+        lean_calls(bound)                  # torch's own bindings, not the dispatcher's objects: less Python per op
         return bound
 
     def run(gm: fx.GraphModule, **inputs: Any) -> Any:

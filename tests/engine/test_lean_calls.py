@@ -1,0 +1,95 @@
+"""lean_calls: inference graphs call torch's own bindings instead of the dispatcher's OpOverload objects, and drop
+their capture-time metadata asserts; the outputs are the same values, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+
+import graphpeft
+from graphpeft.lean_calls import _BINDINGS, lean_calls
+from tests.models import VOCAB, tiny_llama
+
+aten = torch.ops.aten
+_G = torch.Generator().manual_seed(0)
+
+
+def _t(*shape):
+    return torch.randn(*shape, generator=_G)
+
+
+# every mapped op, with arguments as a captured graph passes them: the binding must give the ATen op's result
+SAMPLES = {
+    aten.add.Tensor: ((_t(2, 3), _t(2, 3)), {"alpha": 2}),
+    aten.sub.Tensor: ((_t(2, 3), 1.5), {}),
+    aten.mul.Tensor: ((_t(2, 3), _t(3)), {}),
+    aten.div.Tensor: ((_t(2, 3), 4.0), {}),
+    aten.neg.default: ((_t(2, 3),), {}),
+    aten.pow.Tensor_Scalar: ((_t(2, 3), 2),),
+    aten.rsqrt.default: ((_t(2, 3).abs() + 0.1,), {}),
+    aten.cos.default: ((_t(4),), {}),
+    aten.sin.default: ((_t(4),), {}),
+    aten.mean.dim: ((_t(2, 3, 4), [-1]), {"keepdim": True}),
+    aten.linear.default: ((_t(2, 5, 3), _t(4, 3), _t(4)), {}),
+    aten.matmul.default: ((_t(2, 5, 3), _t(3, 4)), {}),
+    aten.bmm.default: ((_t(2, 5, 3), _t(2, 3, 4)), {}),
+    aten.silu.default: ((_t(2, 3),), {}),
+    aten.gelu.default: ((_t(2, 3),), {"approximate": "tanh"}),
+    aten.tanh.default: ((_t(2, 3),), {}),
+    aten.softmax.int: ((_t(2, 3), -1), {}),
+    aten.cat.default: (([_t(2, 3), _t(1, 3)], 0), {}),
+    aten.unsqueeze.default: ((_t(2, 3), 1), {}),
+    aten.transpose.int: ((_t(2, 3, 4), 1, 2), {}),
+    aten.reshape.default: ((_t(2, 3, 4), [6, 4]), {}),
+    aten.view.default: ((_t(2, 3, 4), [2, 12]), {}),
+    aten.expand.default: ((_t(1, 3), [4, 3]), {}),
+    aten.contiguous.default: ((_t(3, 2).t(),), {}),
+    aten.embedding.default: ((_t(10, 4), torch.tensor([[1, 7], [0, 9]])), {}),
+    aten.scaled_dot_product_attention.default: ((_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4)),
+                                                {"is_causal": True, "scale": 0.3}),
+}
+
+
+def test_every_binding_is_sampled():
+    assert set(SAMPLES) == set(_BINDINGS)
+
+
+@pytest.mark.parametrize("op", list(SAMPLES), ids=lambda op: str(op))
+def test_each_binding_computes_what_its_aten_op_does(op):
+    args, *rest = SAMPLES[op]
+    kwargs = rest[0] if rest else {}
+    expected = op(*args, **kwargs)
+    graph = fx.Graph()
+    inputs = [graph.placeholder(f"a{i}") for i in range(len(args))]
+    graph.output(graph.call_function(op, tuple(inputs), kwargs))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert lean_calls(gm)["direct"] == 1
+    target = next(n.target for n in gm.graph.nodes if n.op == "call_function")
+    assert target is _BINDINGS[op][0]
+    assert torch.equal(gm(*args), expected)
+
+
+def test_a_keyword_the_binding_does_not_take_keeps_the_aten_op():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(aten.transpose.int, (x,), {"dim0": 0, "dim1": 1}))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert lean_calls(gm)["direct"] == 0
+    assert next(n.target for n in gm.graph.nodes if n.op == "call_function") is aten.transpose.int
+
+
+def test_a_captured_llama_graph_runs_the_same_with_lean_calls():
+    model = graphpeft.rewrite(tiny_llama(), graphpeft.LoraConfig(target_modules="all-linear")).eval()
+    gm = model.graph_module
+    lean = copy.deepcopy(gm)
+    counts = lean_calls(lean)
+    remaining = {str(n.target) for n in lean.graph.nodes if n.op == "call_function"}
+    assert counts["direct"] > 50 and "aten.linear.default" not in remaining
+    assert "aten._assert_tensor_metadata.default" not in remaining
+    ids = torch.randint(0, VOCAB, (2, 7), generator=_G)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    with torch.no_grad():
+        assert torch.equal(lean(**inputs)["logits"], gm(**inputs)["logits"])
