@@ -52,6 +52,8 @@ _BINDINGS: dict[object, tuple[Callable, frozenset]] = {
     aten.view.default: (torch.Tensor.view, frozenset()),
     aten.expand.default: (torch.Tensor.expand, frozenset()),
     aten.contiguous.default: (torch.Tensor.contiguous, frozenset()),
+    aten.to.dtype: (torch.Tensor.to, frozenset({"non_blocking", "copy", "memory_format"})),
+    aten.to.device: (torch.Tensor.to, frozenset({"non_blocking", "copy", "memory_format"})),
     aten.embedding.default: (torch.embedding, frozenset()),
     aten.scaled_dot_product_attention.default: (
         torch._C._nn.scaled_dot_product_attention,

@@ -47,6 +47,8 @@ SAMPLES = {
     aten.view.default: ((_t(2, 3, 4), [2, 12]), {}),
     aten.expand.default: ((_t(1, 3), [4, 3]), {}),
     aten.contiguous.default: ((_t(3, 2).t(),), {}),
+    aten.to.dtype: ((_t(2, 3), torch.float64), {"copy": True}),
+    aten.to.device: ((_t(2, 3), torch.device("cpu"), torch.float16), {}),
     aten.embedding.default: ((_t(10, 4), torch.tensor([[1, 7], [0, 9]])), {}),
     aten.scaled_dot_product_attention.default: ((_t(1, 2, 5, 4), _t(1, 2, 5, 4), _t(1, 2, 5, 4)),
                                                 {"is_causal": True, "scale": 0.3}),
