@@ -1,0 +1,142 @@
+"""Prompt tuning, P-tuning and multitask prompt tuning on raw-audio encoders (wav2vec2, HuBERT), whose
+virtual tokens go in front of the frames that enter the first transformer layer (graphpeft.frame_sequence).
+
+PEFT refuses these models, so the oracle is the mathematics, run by the model's own code: the base model with
+hooks that (1) put the same prompts in front of the hidden state entering its first layer, (2) give every
+layer the mask transformers' own ``create_bidirectional_mask`` builds for the explicit sequence
+[prompts ; frames] with the frame mask ``cat(ones(V), frame_mask)``, and (3) cut the last layer's output back
+to the real frames. Everything else (feature encoder, positional convolution, layer norms, the head's masked
+mean pooling or CTC projection, the loss) is the model's own forward. The tests also show the head reads only
+the real frames (pooling over the prompts too would give other logits), that a CTC head's logits keep the
+real frame count and give the model's own CTC loss, and that save -> reload gives equal outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from transformers.masking_utils import create_bidirectional_mask
+
+import graphpeft
+from graphpeft.errors import GraphPeftError
+from graphpeft.rewriter import get_attr_path
+from tests import grid_models as G
+
+V = 3
+ATOL = 1e-5
+TASKS = torch.tensor([1, 0])
+SAMPLES = 64            # 8 frames after the tiny feature encoder (kernels 4, 2; strides 4, 2)
+
+
+def _build(model_cls, config_cls, attn="sdpa", **kw):
+    torch.manual_seed(0)
+    config = config_cls(**{**G._AUDIO, "initializer_range": 0.5, **kw})   # logits of order 1, not 1e-2
+    config._attn_implementation = attn
+    return model_cls(config).eval()
+
+
+MODELS = {
+    "wav2vec2-cls": lambda: _build(tf.Wav2Vec2ForSequenceClassification, tf.Wav2Vec2Config),
+    "hubert-cls": lambda: _build(tf.HubertForSequenceClassification, tf.HubertConfig),
+    "wav2vec2-cls-eager": lambda: _build(tf.Wav2Vec2ForSequenceClassification, tf.Wav2Vec2Config, attn="eager"),
+    "wav2vec2-ctc-stable": lambda: _build(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, do_stable_layer_norm=True,
+                                          feat_extract_norm="layer", pad_token_id=0),
+}
+METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+
+
+def _config(method, **kw):
+    if method == "prompt_tuning":
+        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
+    if method == "p_tuning":
+        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
+    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+
+
+def _extra(method):
+    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+
+
+def _prompts(ours, method, batch):
+    """[B, V, H] prompts from the rewritten model's own parameters (PEFT's formulas)."""
+    gm = ours.graph_module
+    if method == "prompt_tuning":
+        return get_attr_path(gm, "prompt_encoder.default.embedding.weight")[:V].expand(batch, -1, -1)
+    if method == "p_tuning":
+        return get_attr_path(gm, "prompt_encoder.default")()[:V].expand(batch, -1, -1)
+    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
+    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
+    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
+    return (table * (cols[TASKS] @ rows[TASKS]))[:, :V]
+
+
+def _inputs(masked):
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_values": torch.randn(2, SAMPLES, generator=gen)}
+    if masked:
+        mask = torch.ones(2, SAMPLES, dtype=torch.long)
+        mask[1, 40:] = 0              # the second clip is shorter: its last frames are padding
+        batch["attention_mask"] = mask
+    return batch
+
+
+@pytest.fixture(scope="module")
+def captured():
+    cache = {}
+
+    def get(name, masked):
+        if (name, masked) not in cache:
+            model = MODELS[name]()
+            cache[name, masked] = (model, graphpeft.capture(model, _inputs(masked)))
+        return cache[name, masked]
+    return get
+
+
+def _oracle(model, prompts, batch, cut=True):
+    """A copy of ``model`` whose layers run on [prompts ; frames] with the mask transformers builds for it, the
+    last layer's output cut back to the frames (``cut``)."""
+    oracle = copy.deepcopy(model)
+    base = oracle.base_model
+    layers = base.encoder.layers
+    frames = {}
+
+    def enter(layer, args, kwargs):
+        hidden = args[0]
+        if layer is layers[0]:
+            hidden = torch.cat([prompts.to(hidden.dtype), hidden], 1)
+        if kwargs.get("attention_mask") is not None:
+            length = hidden.shape[1] - V
+            frame_mask = base._get_feature_vector_attention_mask(length, batch["attention_mask"])
+            full = torch.cat([torch.ones(hidden.shape[0], V, dtype=torch.bool), frame_mask.bool()], 1)
+            kwargs = {**kwargs, "attention_mask": create_bidirectional_mask(config=oracle.config,
+                                                                            inputs_embeds=hidden,
+                                                                            attention_mask=full)}
+        frames["n"] = hidden.shape[1]
+        return (hidden, *args[1:]), kwargs
+
+    for layer in layers:
+        layer.register_forward_pre_hook(enter, with_kwargs=True)
+    if cut:
+        layers[-1].register_forward_hook(lambda mod, args, out: out[:, V:])
+    return oracle
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padded"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_virtual_tokens_in_front_of_the_frames_entering_the_first_layer(name, method, masked, captured):
+    model, gm = captured(name, masked)
+    batch = _inputs(masked)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method)).eval()
+    with torch.no_grad():
+        got = ours(**batch, **_extra(method)).logits
+        prompts = _prompts(ours, method, 2)
+        expected = _oracle(model, prompts, batch)(**batch).logits
+        base = model(**batch).logits
+    assert got.shape == expected.shape == base.shape           # CTC: the real frames only, as the base model
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (got - base).abs().max() > 1e-2                      # the prompts do change what the frames compute
