@@ -140,3 +140,88 @@ def test_virtual_tokens_in_front_of_the_frames_entering_the_first_layer(name, me
     assert got.shape == expected.shape == base.shape           # CTC: the real frames only, as the base model
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got - base).abs().max() > 1e-2                      # the prompts do change what the frames compute
+
+
+def test_the_classification_head_pools_the_real_frames_only(captured):
+    """Mean pooling over frames averages the F real frames, not the V prompts: the oracle whose last layer keeps
+    the prompts (the head then averages V+F rows) gives other logits."""
+    model, gm = captured("wav2vec2-cls", False)
+    batch = _inputs(False)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config("prompt_tuning")).eval()
+    with torch.no_grad():
+        got = ours(**batch).logits
+        prompts = _prompts(ours, "prompt_tuning", 2)
+        oracle, seen = _oracle(model, prompts, batch), []
+        oracle.projector.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        oracle(**batch)
+        everything = _oracle(model, prompts, batch, cut=False)(**batch).logits
+        by_hand = model.classifier(model.projector(seen[0]).mean(1))
+    frames = model.base_model._get_feat_extract_output_lengths(SAMPLES)
+    assert seen[0].shape[1] == frames                   # what the head reads: the real frames
+    torch.testing.assert_close(got, by_hand, atol=ATOL, rtol=0)
+    assert (got - everything).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "multitask_prompt_tuning"])
+def test_ctc_logits_are_per_real_frame_and_give_the_model_s_own_ctc_loss(method, captured):
+    """Wav2Vec2ForCTC: logits [B, F, vocab] for the F real frames (F from the model's own length formula, padded
+    clip too), and the model's own forward computes the same CTC loss from them as from the oracle's logits."""
+    model, gm = captured("wav2vec2-ctc-stable", True)
+    batch = _inputs(True)
+    labels = torch.tensor([[5, 6, 7, 8], [9, 10, -100, -100]])
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method)).eval()
+    with torch.no_grad():
+        logits = ours(**batch, **_extra(method)).logits
+        oracle = _oracle(model, _prompts(ours, method, 2), batch)
+        expected = oracle(**batch, labels=labels)
+        oracle.lm_head.register_forward_hook(lambda mod, args, out: logits)
+        from_ours = oracle(**batch, labels=labels)
+    assert logits.shape[1] == model.base_model._get_feat_extract_output_lengths(SAMPLES)
+    torch.testing.assert_close(logits, expected.logits, atol=ATOL, rtol=0)
+    assert torch.isfinite(expected.loss)
+    torch.testing.assert_close(from_ours.loss, expected.loss, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_train_step_moves_only_the_prompts_and_save_reload_gives_equal_outputs(method, captured, tmp_path):
+    model, gm = captured("hubert-cls", True)
+    batch = _inputs(True)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config(method))
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".prompt_encoder." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    ours.train()
+    loss = ours(**batch, **_extra(method), labels=torch.tensor([0, 2])).loss     # the class's cross-entropy
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1.0).step()
+    assert {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])} == trainable
+    ours.eval().save_pretrained(tmp_path / "adapter")
+    loaded = graphpeft.from_pretrained(copy.deepcopy(gm), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = ours(**batch, **_extra(method)).logits
+        torch.testing.assert_close(loaded(**batch, **_extra(method)).logits, expected, atol=ATOL, rtol=0)
+        oracle = _oracle(model, _prompts(ours, method, 2), batch)(**batch).logits
+    torch.testing.assert_close(expected, oracle, atol=ATOL, rtol=0)
+
+
+def test_a_fixed_audio_length_capture_lengthens_the_layers_shape_constants():
+    """Captured with dynamic=False the frame count is a constant (10 here, not a head size) in the layers' views."""
+    model = MODELS["wav2vec2-cls"]()
+    batch = {"input_values": torch.randn(2, 80, generator=torch.Generator().manual_seed(0))}     # 10 frames
+    gm = graphpeft.capture(model, batch, dynamic=False)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(gm, _config("prompt_tuning")).eval()
+    with torch.no_grad():
+        got = ours(**batch).logits
+        expected = _oracle(model, _prompts(ours, "prompt_tuning", 2), batch)(**batch).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_a_vocabulary_init_is_refused_on_audio_frames(captured):
+    _, gm = captured("wav2vec2-cls", False)
+    with pytest.raises(GraphPeftError, match="needs a token vocabulary, but the prompts go into the audio frames"):
+        graphpeft.rewrite(copy.deepcopy(gm), _config("prompt_tuning", prompt_tuning_init="SAMPLE_VOCAB"))
