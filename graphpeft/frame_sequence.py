@@ -51,7 +51,7 @@ import torch.fx as fx
 
 from graphpeft.errors import GraphPeftError
 from graphpeft.match import Site, attention_sites, find_sites, is_stamped, module_stack_entry
-from graphpeft.patch_sequence import _ARANGE, _INT_MAX, _SHAPE_ARG, _inside
+from graphpeft.patch_sequence import _ARANGE, _INT_MAX, _SHAPE_ARG, _inside, _reads
 
 aten = torch.ops.aten
 
@@ -248,14 +248,3 @@ def _cut_outputs(rw: Any, seq: FrameSequence, n: int, members: set) -> None:
             cut = rw.call(aten.slice.Tensor, cut, d, n, _INT_MAX)
         for user in outside:
             user.replace_input_with(node, cut)
-
-
-def _reads(node: fx.Node, inputs: set, hops: int = 4) -> bool:
-    x = node.args[0] if node.args else None
-    for _ in range(hops):
-        if not isinstance(x, fx.Node):
-            return False
-        if x in inputs:
-            return True
-        x = x.args[0] if x.args else None
-    return False

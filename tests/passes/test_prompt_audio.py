@@ -253,3 +253,18 @@ def test_a_weighted_layer_sum_reads_every_layer_s_real_frames():
     assert len(seen) == len(layers) + 1
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got - model(**batch).logits).abs().max() > 1e-2
+
+
+def test_a_bare_encoder_returns_the_real_frames():
+    """Wav2Vec2Model: last_hidden_state has the F real frames, equal to the oracle's."""
+    model = _build(tf.Wav2Vec2Model, tf.Wav2Vec2Config)
+    batch = _inputs(True)
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(graphpeft.capture(model, batch), _config("p_tuning")).eval()
+    with torch.no_grad():
+        got = ours(**batch).last_hidden_state
+        expected = _oracle(model, _prompts(ours, "p_tuning", 2), batch)(**batch).last_hidden_state
+        base = model(**batch).last_hidden_state
+    assert got.shape == base.shape
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (got - base).abs().max() > 1e-2
