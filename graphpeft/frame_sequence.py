@@ -3,9 +3,8 @@
 A speech encoder that reads a waveform (wav2vec2's and HuBERT's ``input_values`` [B, T]) embeds it with
 a stack of strided convolutions, projects the F frames to the hidden size H, adds a convolutional
 positional embedding (a grouped convolution over the frame axis), and runs the transformer layers
-over [B, F, H]. Prompt tuning, P-tuning and multitask prompt tuning put their n virtual tokens where
-the frames enter the first transformer layer, in front of them, and take them out where the frames
-leave the last layer:
+over [B, F, H]. n virtual tokens (learned vectors a rule supplies) go in front of the frames where they
+enter the first transformer layer, and come out where the frames leave the last layer:
 
     before:  input_values ─ convs ─ projection ─ (+ pos_conv) [─ norm ─ dropout] ─ h [B, F, H] ─ layers ─ y ─ head
              mask [B, 1, F, F] ───────────────────────────────────────────────────────────────┘
@@ -16,20 +15,24 @@ leave the last layer:
 
 Semantics (PEFT refuses these models, so the reference is the mathematics; see the tests):
 
-- The prompts enter after the positional embedding is added, so every real frame's positional term is
-  the one the base model computes (the positional convolution sees only real neighbours) and the prompts
-  get none, as in Visual Prompt Tuning. In the post-norm layout (wav2vec2-base) the encoder's layer norm
-  and dropout also come before the insertion point: the prompts enter the first layer as they are.
+- The virtual tokens ("prompts" below) enter after the positional embedding is added, so every real
+  frame's positional term is the one the base model computes and the prompts get none, as in Visual
+  Prompt Tuning. Before it, the positional convolution (kernel 128 in wav2vec2-base) would mix the prompts
+  into the positional terms of the first frames and give the prompts positions of their own. In the
+  post-norm layout (wav2vec2-base) the encoder's layer norm and dropout also come before the insertion
+  point: the prompts enter the first layer as they are.
 - Every layer attends over n + F positions. The attention mask (the one the encoder builds from the
   frame padding, or the all-true one without an ``attention_mask``) gets n columns in front that attend
   (True, or 0.0 for an additive mask), so every frame sees the prompts; the prompts' own query rows copy
-  the first row, so a prompt attends to the prompts and the valid frames and never to padding.
+  the first row, which in the encoder's bidirectional mask is the key-padding pattern, so a prompt attends
+  to the prompts and the valid frames and never to padding.
 - Every tensor the layers hand out of the encoder (the last hidden state; intermediate hidden states a
   weighted layer sum reads) is cut back to the F real frames. So the head reads exactly the real
   frames: mean pooling (masked or not) averages over them, not over the prompts, as the class token
-  stays what a ViT head reads; a CTC head's per-frame logits keep F frames and align with the labels'
-  input lengths, and the loss is computed on the model's own outputs. ``last_hidden_state`` of a bare
-  encoder has F frames too.
+  stays what a ViT head reads (counting the prompts would mix n positions that are not audio into every
+  clip's average, with a weight n / (n + F) that depends on the clip's length); a CTC head's per-frame
+  logits keep F frames and align with the input lengths the model computes, so its CTC loss applies to
+  them unchanged. ``last_hidden_state`` of a bare encoder has F frames too.
 
 The site is found from the graph alone: the attention sites' layers (the stack entries where their
 module paths part, or the innermost numbered module with a single layer), the one [B, F, H] tensor the
