@@ -268,3 +268,19 @@ def test_a_bare_encoder_returns_the_real_frames():
     assert got.shape == base.shape
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got - base).abs().max() > 1e-2
+
+
+def test_another_batch_size_and_clip_length_than_captured(captured):
+    """The capture is dynamic in batch and samples: 3 clips of 96 samples (12 frames), one padded, run too."""
+    model, gm = captured("hubert-cls", True)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(3, 96, dtype=torch.long)
+    mask[2, 50:] = 0
+    batch = {"input_values": torch.randn(3, 96, generator=gen), "attention_mask": mask}
+    torch.manual_seed(0)
+    ours = graphpeft.rewrite(copy.deepcopy(gm), _config("prompt_tuning")).eval()
+    with torch.no_grad():
+        got = ours(**batch).logits
+        expected = _oracle(model, _prompts(ours, "prompt_tuning", 3), batch)(**batch).logits
+    assert got.shape == (3, model.config.num_labels)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
