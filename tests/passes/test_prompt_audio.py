@@ -1,5 +1,5 @@
-"""Prompt tuning, P-tuning and multitask prompt tuning on raw-audio encoders (wav2vec2, HuBERT), whose
-virtual tokens go in front of the frames that enter the first transformer layer (graphpeft.frame_sequence).
+"""Prompt tuning, P-tuning and multitask prompt tuning on raw-audio encoders (wav2vec2, HuBERT, Data2VecAudio),
+whose virtual tokens go in front of the frames that enter the first transformer layer (graphpeft.frame_sequence).
 
 PEFT refuses these models, so the oracle is the mathematics, run by the model's own code: the base model with
 hooks that (1) put the same prompts in front of the hidden state entering its first layer, (2) give every
@@ -41,6 +41,7 @@ def _build(model_cls, config_cls, attn="sdpa", **kw):
 MODELS = {
     "wav2vec2-cls": lambda: _build(tf.Wav2Vec2ForSequenceClassification, tf.Wav2Vec2Config),
     "hubert-cls": lambda: _build(tf.HubertForSequenceClassification, tf.HubertConfig),
+    "data2vec-audio-cls": lambda: _build(tf.Data2VecAudioForSequenceClassification, tf.Data2VecAudioConfig),
     "wav2vec2-cls-eager": lambda: _build(tf.Wav2Vec2ForSequenceClassification, tf.Wav2Vec2Config, attn="eager"),
     "wav2vec2-ctc-stable": lambda: _build(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, do_stable_layer_norm=True,
                                           feat_extract_norm="layer", pad_token_id=0),
