@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from graphpeft.errors import GraphPeftError, NoMatchError
 from graphpeft.match import Site, find_sites, is_stamped, module_stack_entry
+from graphpeft.frame_sequence import FrameSequence, frame_sequence, insert_frames
 from graphpeft.patch_sequence import PatchSequence, insert_after_leading, patch_sequence
 from graphpeft.rewriter import MODEL_HALF, Rewriter, get_attr_path
 from graphpeft.rule import Rule
@@ -92,14 +93,16 @@ def token_lookup(gm: fx.GraphModule, main: str = "input_ids") -> Optional[TokenL
     return TokenLookup(site, wanted, _module_output(site.node, site.module_path))
 
 
-def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup | PatchSequence]:
+def prompt_lookup(gm: fx.GraphModule) -> Optional[TokenLookup | PatchSequence | FrameSequence]:
     """Where virtual tokens go: the lookup of ``input_ids``; else (a model whose encoder reads no tokens,
     e.g. Whisper's ``input_features``) the lookup of ``decoder_input_ids``; else (a vision transformer) the
-    patch-embedding sequence, after its class token; else None. The encoder graph of an encoder-decoder
+    patch-embedding sequence, after its class token; else (a raw-audio encoder: wav2vec2, HuBERT) the frame
+    sequence entering its first transformer layer (``graphpeft.frame_sequence``); else None. The encoder graph of an encoder-decoder
     (generation captures it apart, graph meta ``MODEL_HALF``) has its ``input_ids`` lookup or nothing."""
     if gm.meta.get(MODEL_HALF) == "encoder":
         return token_lookup(gm, "input_ids")
-    return token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids") or patch_sequence(gm)
+    return (token_lookup(gm, "input_ids") or token_lookup(gm, "decoder_input_ids") or patch_sequence(gm)
+            or frame_sequence(gm))
 
 
 class TokenLookupRule(Rule):
@@ -110,8 +113,9 @@ class TokenLookupRule(Rule):
         lookup = prompt_lookup(gm)
         if lookup is None:
             raise NoMatchError(f"{self.name}: the graph has no embedding lookup of input_ids or decoder_input_ids "
-                               f"and no patch embedding; it needs a model that embeds token ids (a text model, a "
-                               f"speech model's decoder) or image patches (a vision transformer)")
+                               f"no patch embedding and no audio frames; it needs a model that embeds token ids (a "
+                               f"text model, a speech model's decoder), image patches (a vision transformer) or "
+                               f"raw audio before transformer layers (wav2vec2, HuBERT)")
         return [lookup]
 
     def check(self, lookup: TokenLookup) -> Optional[str]:
@@ -145,7 +149,7 @@ def extend_sequence(rw: Rewriter, lookup: TokenLookup, n: int) -> None:
     type ids 0, labels -100. A patch sequence has
     no such inputs (its length is the graph's own, see ``replace_leading_rows``).
     """
-    if isinstance(lookup, PatchSequence):
+    if isinstance(lookup, (PatchSequence, FrameSequence)):
         return
     gm = rw.gm
     inputs = sequence_inputs(gm, str(lookup.ids.target))
@@ -167,10 +171,13 @@ def replace_leading_rows(rw: Rewriter, lookup: TokenLookup, prompts: fx.Node, n:
 
     ``prompts`` is [n, dim], the same for every row of the batch, or [B, n, dim] when ``batched``; it
     is cast to the lookup's dtype, as PEFT casts the prompts to that of inputs_embeds. In a patch sequence
-    the prompts go after the class token instead (``graphpeft.patch_sequence``).
+    the prompts go after the class token instead (``graphpeft.patch_sequence``); in an audio encoder's frame
+    sequence, in front of the frames that enter the first layer (``graphpeft.frame_sequence``).
     """
     if isinstance(lookup, PatchSequence):
         return insert_after_leading(rw, lookup, prompts, n, batched)
+    if isinstance(lookup, FrameSequence):
+        return insert_frames(rw, lookup, prompts, n, batched)
     out = lookup.output
     if _comes_after(out, rw._cursor):      # insert after the lookup, and after what the caller inserted
         rw.start_before(out.next)
@@ -195,9 +202,10 @@ def initial_table(gm: fx.GraphModule, lookup: TokenLookup, total: int, init: str
     TEXT          the lookup of the text's token ids, cut or repeated to ``total``
     """
     table = torch.nn.Embedding(total, lookup.dim).weight.detach()      # drawn first, as PEFT does
-    if isinstance(lookup, PatchSequence) and init in ("SAMPLE_VOCAB", "TEXT"):
+    if isinstance(lookup, (PatchSequence, FrameSequence)) and init in ("SAMPLE_VOCAB", "TEXT"):
+        what = "patch sequence" if isinstance(lookup, PatchSequence) else "audio frames"
         raise GraphPeftError(f"prompt_tuning_init={init!r} needs a token vocabulary, but the prompts go into the "
-                             f"patch sequence of {lookup.module_path} (an image model); use RANDOM")
+                             f"{what} of {lookup.module_path} (a model without one); use RANDOM")
     device = get_attr_path(gm, lookup.site.weight_name).device
     if init == "SAMPLE_VOCAB":
         ids = torch.randint(0, lookup.vocab_size, (total,), dtype=torch.long)
