@@ -15,6 +15,9 @@ the model's class name in transformers' auto mappings (a class in several: the f
     question          QUESTION_ANSWERING                        start_positions, end_positions  (CE(start) + CE(end)) / 2,
                                                                                               positions >= L ignored
     multiple_choice   MULTIPLE_CHOICE                           labels [B]                    CE(logits [B, choices], labels)
+    ctc               CTC                                       labels [B, S], -100 padded    CTC(log_softmax(logits) [F, B, V],
+                                                                                              labels >= 0, frames from
+                                                                                              attention_mask, blank = pad)
 
 CE ignores label -100. Where the class's ``forward`` calls ``self.loss_function``, that function
 (transformers' ``LOSS_MAPPING[model.loss_type]``) is called, with the loss options Trainer passes
@@ -48,12 +51,13 @@ _KINDS = (
     ("token", ("TOKEN_CLASSIFICATION",)),
     ("question", ("QUESTION_ANSWERING",)),
     ("multiple_choice", ("MULTIPLE_CHOICE",)),
+    ("ctc", ("CTC",)),
 )
 # a class no mapping names: its loss_type (transformers reads it off the class name)
 _BY_LOSS_TYPE = {
     "ForCausalLM": "causal", "ForMaskedLM": "masked", "ForSequenceClassification": "sequence",
     "ForImageClassification": "sequence", "ForVideoClassification": "sequence", "ForAudioClassification": "sequence",
-    "ForTokenClassification": "token", "ForQuestionAnswering": "question",
+    "ForTokenClassification": "token", "ForQuestionAnswering": "question", "ForCTC": "ctc",
 }
 _TOKEN_LEVEL = ("seq2seq", "causal", "masked", "token")     # labels laid out like the sequence
 
@@ -119,10 +123,12 @@ def check_targets(targets: dict, info: Any) -> None:
                              f"got {', '.join(sorted(targets))}")
 
 
-def with_loss(out: Any, targets: dict, info: Any, input_length: Optional[int], loss_kwargs: Optional[dict] = None) -> Any:
+def with_loss(out: Any, targets: dict, info: Any, input_length: Optional[int], loss_kwargs: Optional[dict] = None,
+              inputs: Optional[dict] = None) -> Any:
     """``out`` with ``.loss`` as the model's own class computes it from these outputs and targets.
 
-    ``input_length``: the sequence length of the main input as given (before any prepended tokens).
+    ``input_length``: the sequence length of the main input as given (before any prepended tokens);
+    ``inputs``: the inputs the graph ran on (a CTC loss counts each clip's frames from its attention mask).
     ``loss_kwargs`` (``num_items_in_batch`` from Trainer) reach the loss where the class passes its
     ``**kwargs`` to ``self.loss_function``. The caller has checked the targets (``check_targets``) before
     running the graph.
@@ -138,6 +144,8 @@ def with_loss(out: Any, targets: dict, info: Any, input_length: Optional[int], l
         return _replace_loss(out, (fn or ForQuestionAnsweringLoss)(start_logits, end_logits, start, end, **kw))
     logits = out["logits"] if isinstance(out, dict) else out[0]
     labels = targets["labels"].to(logits.device)
+    if kind == "ctc":
+        return _replace_loss(out, ctc_loss(logits, labels, info, inputs or {}))
     if kind in _TOKEN_LEVEL:
         labels = _pad_prepended(labels, logits)
     return _replace_loss(out, _loss(kind, fn, logits, labels, info.hf_config, kw))
@@ -161,6 +169,31 @@ def _loss(kind: str, fn: Any, logits: torch.Tensor, labels: torch.Tensor, config
     if kind == "multiple_choice":
         return ce(logits, labels)
     raise GraphPeftError(f"no loss for head kind {kind!r}")     # pragma: no cover - every kind is handled above
+
+
+def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, info: Any, inputs: dict) -> torch.Tensor:
+    """The CTC loss of transformers' ``*ForCTC`` heads (wav2vec2, HuBERT, ...), as their ``forward`` writes it.
+
+    Each clip's frame count is the class's own ``_get_feat_extract_output_lengths`` of its attention mask's
+    sum (all samples when there is no mask); targets are the labels >= 0; the blank is ``pad_token_id``.
+    """
+    import transformers
+
+    config = info.hf_config
+    if int(labels.max()) >= config.vocab_size:
+        raise GraphPeftError(f"labels go up to {int(labels.max())}, but {info.model_class} has vocab_size "
+                             f"{config.vocab_size}; CTC labels must be token ids below it (-100 for padding)")
+    main = inputs.get(info.main_input_name)
+    mask = inputs.get("attention_mask")
+    mask = mask if mask is not None else torch.ones(main.shape[:2], dtype=torch.long, device=main.device)
+    owner = type("_Config", (), {"config": config})()       # the method reads only self.config
+    lengths = getattr(transformers, info.model_class)._get_feat_extract_output_lengths(owner, mask.sum(-1))
+    valid = labels >= 0
+    log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+    with torch.backends.cudnn.flags(enabled=False):
+        return nn.functional.ctc_loss(log_probs, labels.masked_select(valid), lengths.to(torch.long), valid.sum(-1),
+                                      blank=config.pad_token_id, reduction=config.ctc_loss_reduction,
+                                      zero_infinity=config.ctc_zero_infinity)
 
 
 def _mapped_loss(info: Any, kind: str) -> Any:

@@ -113,7 +113,7 @@ class CapturedModel(nn.Module):
         if targets:
             main = values.get(info.main_input_name, values.get("inputs_embeds"))
             length = main.shape[1] if isinstance(main, torch.Tensor) and main.dim() >= 2 else None
-            out = losses.with_loss(out, targets, info, length, loss_kwargs)
+            out = losses.with_loss(out, targets, info, length, loss_kwargs, values)
         return out
 
 

@@ -107,6 +107,7 @@ tiny_swin = _builder("SwinConfig", "SwinForImageClassification", dict(image_size
 tiny_wav2vec2 = _builder("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", _AUDIO,
                          "raw audio, convolutional feature encoder")
 tiny_hubert = _builder("HubertConfig", "HubertForSequenceClassification", _AUDIO, "raw audio, wav2vec2 layout")
+tiny_wav2vec2_ctc = _builder("Wav2Vec2Config", "Wav2Vec2ForCTC", _AUDIO, "raw audio, CTC head over the frames")
 tiny_speech_to_text = _builder("Speech2TextConfig", "Speech2TextForConditionalGeneration", dict(
     d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=NHEADS,
     decoder_attention_heads=NHEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, vocab_size=VOCAB,
@@ -185,6 +186,10 @@ def targets_for(model: nn.Module, batch: dict, seed: int = 1) -> dict[str, torch
         return {"start_positions": torch.tensor([1, n + 3])[:b], "end_positions": torch.tensor([3, 5])[:b]}
     if kind == "multiple_choice":
         return {"labels": torch.randint(0, batch["input_ids"].shape[1], (b,), generator=gen)}
+    if kind == "ctc":       # transcripts shorter than the clips' frames, -100 padded
+        labels = torch.randint(1, config.vocab_size, (b, 3), generator=gen)
+        labels[0, -1] = -100
+        return {"labels": labels}
     if config.problem_type == "regression" or config.num_labels == 1:
         return {"labels": torch.randn(b, generator=gen)}
     if config.problem_type == "multi_label_classification":

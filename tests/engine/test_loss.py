@@ -30,12 +30,14 @@ CASES = {
     "image-vit": (tiny_vit, {}),
     "image-vit-regression": (tiny_vit, {"num_labels": 1}),
     "audio-wav2vec2": (G.tiny_wav2vec2, {}),
+    "ctc-wav2vec2": (G.tiny_wav2vec2_ctc, {}),
+    "ctc-wav2vec2-sum": (G.tiny_wav2vec2_ctc, {"ctc_loss_reduction": "sum", "ctc_zero_infinity": True}),
     "speech-s2t": (G.tiny_speech_to_text, {}),
 }
 
 
 # heavier captures (or kinds a default case covers already) run with -m slow
-SLOW = {"causal-gpt2", "seq2seq-t5", "seq2seq-whisper", "speech-s2t", "seqcls-llama", "token-llama", "qa-llama",
+SLOW = {"ctc-wav2vec2-sum", "causal-gpt2", "seq2seq-t5", "seq2seq-whisper", "speech-s2t", "seqcls-llama", "token-llama", "qa-llama",
         "image-vit-regression", "seqcls-regression-bert"}
 
 
@@ -148,6 +150,7 @@ def test_wrong_or_missing_targets_are_one_line_errors():
     ("WhisperForConditionalGeneration", "seq2seq"), ("GPT2LMHeadModel", "causal"), ("BertForMaskedLM", "masked"),
     ("ViTForImageClassification", "sequence"), ("Wav2Vec2ForSequenceClassification", "audio"),
     ("BertForMultipleChoice", "multiple_choice"), ("LlamaForQuestionAnswering", "question"), ("BertModel", None),
+    ("Wav2Vec2ForCTC", "ctc"), ("HubertForCTC", "ctc"),
 ])
 def test_head_kind_comes_from_transformers_auto_mappings(model_class, kind):
     from graphpeft.losses import head_kind
@@ -159,3 +162,20 @@ def test_a_class_no_mapping_names_falls_back_on_its_loss_type():
     assert head_kind("MyOwnForCausalLM", "ForCausalLM") == "causal"
     assert head_kind("MyOwnSeq2Seq", "ForConditionalGeneration", is_encoder_decoder=True) == "seq2seq"
     assert head_kind("MyOwnModel", None) is None
+
+
+def test_ctc_loss_counts_each_clip_s_frames_from_its_attention_mask():
+    """A padded clip: its CTC input length is the class's own frame count of the mask's sum, as Wav2Vec2ForCTC."""
+    model = G.tiny_wav2vec2_ctc(feat_extract_norm="layer").eval()     # the layout that takes an attention mask
+    batch = G.batch_for(model)
+    batch["attention_mask"] = torch.ones(batch["input_values"].shape, dtype=torch.long)
+    batch["attention_mask"][1, batch["input_values"].shape[1] // 2:] = 0
+    captured = graphpeft.CapturedModel(graphpeft.capture(model, example_inputs=dict(batch))).eval()
+    targets = G.targets_for(model, batch)
+    with torch.no_grad():
+        ours, ref = captured(**batch, **targets), model(**batch, **targets)
+        unpadded = model(**{**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}, **targets)
+    torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ref.loss, unpadded.loss)
+    with pytest.raises(GraphPeftError, match="CTC labels must be token ids below it"):
+        captured(**batch, labels=torch.full((2, 3), model.config.vocab_size))
