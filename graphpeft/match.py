@@ -38,6 +38,8 @@ from typing import Iterable, Optional
 import torch
 import torch.fx as fx
 
+from graphpeft.errors import GraphPeftError
+
 aten = torch.ops.aten
 STAMP = "graphpeft"          # node.meta key set on every node a rule inserts
 ALL_LINEAR = "all-linear"
@@ -152,11 +154,11 @@ def _classify_function(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str,
     for w in a:
         if (p := _param(gm, w)) is not None and p.dim() == 3:
             return "experts", w, p.shape[2], p.shape[1]
-    if t in _EINSUM:
+    if t in _EINSUM:        # the parameter itself, or through a transpose, view or cast of it
         operands = a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:]
-        params = [w for w in operands if _param(gm, w) is not None]
-        if len(params) == 1 and (p := _param(gm, params[0])).dim() == 2:
-            return "einsum", params[0], p.shape[1], p.shape[0]
+        params = [found for w in operands if (found := _param_or_through(gm, w)) is not None]
+        if len(params) == 1 and (p := params[0][1]).dim() == 2:
+            return "einsum", params[0][0], p.shape[1], p.shape[0]
     if (t in _LINEAR or t in _MATMUL or t is aten.mm.default) and len(a) >= 2 \
             and (found := _param_through(gm, a[1])) is not None:
         w, p, flipped = found
@@ -173,12 +175,37 @@ _KEEPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.conti
           aten.unsqueeze.default, aten.expand.default}
 
 
+def _param_or_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, torch.nn.Parameter]]:
+    if (p := _param(gm, node)) is not None:
+        return node, p
+    found = _param_through(gm, node)
+    return (found[0], found[1]) if found is not None else None
+
+
+def weight_reader(site: "Site") -> fx.Node:
+    """The node that reads ``site``'s weight on the way to its op: the op itself, or the first of the transposes,
+    views and casts between them (where a rule that patches the weight, W -> W + delta, puts the patched value)."""
+    if site.weight in site.node.all_input_nodes:
+        return site.node
+    for user in site.weight.users:
+        node = user
+        for _ in range(8):
+            if node is site.node:
+                return user
+            live = [u for u in node.users if u.users or u is site.node]     # not a metadata assert
+            if len(live) != 1:
+                break
+            node = live[0]
+    raise GraphPeftError(f"{site.module_path}: its weight {site.weight_name} reaches the "
+                         f"{site.node.target} op through values that other ops read too; it cannot be patched there")
+
+
 def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, torch.nn.Parameter, bool]]:
     """(get_attr node, parameter, transposed?) of a 2-D parameter that ``node`` is, through a transpose, a
-    view that keeps its shape, a broadcast over a leading batch axis or a cast that keeps its dtype; None
-    otherwise, when the dtype changes on the way, or when ``node`` is the parameter itself (the plain sites)."""
+    view that keeps its shape, a broadcast over a leading batch axis or a cast (to any dtype: a rule's branch
+    then runs in the parameter's dtype, cast in and out as PEFT's layers do); None otherwise, or when ``node``
+    is the parameter itself (the plain sites)."""
     flipped, hops = False, 0
-    dtype = getattr(node.meta.get("val"), "dtype", None) if isinstance(node, fx.Node) else None
     while isinstance(node, fx.Node) and node.op == "call_function" and hops < 8:
         val, src = node.meta.get("val"), node.args[0] if node.args else None
         src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
@@ -203,8 +230,8 @@ def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, 
             return None
         node, hops = src, hops + 1
     p = _param(gm, node)
-    if p is None or p.dim() != 2 or hops == 0 or dtype != p.dtype:   # a real dtype change: the adapter's branch
-        return None                                                   # would need a cast of its own (not yet)
+    if p is None or p.dim() != 2 or hops == 0:      # a cast to another dtype is fine: rules cast their branch
+        return None
     return node, p, flipped
 
 

@@ -604,13 +604,15 @@ def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Opti
 
 
 def _reaches(node: fx.Node, anchor: fx.Node) -> bool:
-    """``node`` is ``anchor``, or leads to it through single-user ops (a weight's transpose or cast)."""
+    """``node`` is ``anchor``, or leads to it through single-user ops (a weight's transpose or cast); a user
+    whose value nobody reads (torch.export's metadata assert) does not count."""
     for _ in range(8):
         if node is anchor:
             return True
-        if len(node.users) != 1:
+        users = [u for u in node.users if u.users or u is anchor]
+        if len(users) != 1:
             return False
-        node = next(iter(node.users))
+        node = users[0]
     return False
 
 

@@ -211,9 +211,10 @@ class AdaLoraRule(Rule):
             h = rw.call(aten.conv2d.default, x, delta, None, args["stride"], args["padding"], args["dilation"], 1)
         else:
             x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
-            # a quantized base keeps the triplets in float32, as PEFT: x cast in before the dropout, the branch cast
-            # back before its scaling, and the sum stored in the activation's dtype (PEFT's in-place add)
-            act = getattr(site.node.meta.get("val"), "dtype", None) if site.quantized else None
+            # activations in another dtype than the triplets (a quantized base keeps them in float32, as PEFT; a
+            # weight cast on its way): x cast in before the dropout, the branch cast back before its scaling, and
+            # the sum stored in the activation's dtype (PEFT's in-place add)
+            act = getattr(site.node.meta.get("val"), "dtype", None)
             act = act if act is not None and act != a.dtype else None
             x = self._dropout(rw, rw.call(aten._to_copy.default, x, dtype=a.dtype) if act else x)
             h = rw.call(aten.matmul.default, x, rw.call(aten.t.default, ae))

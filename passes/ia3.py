@@ -132,9 +132,10 @@ class IA3Rule(Rule):
         attr = rw.add_parameter(f"{path}.ia3_l.{name}", init.to(device=weight.device, dtype=dtype),
                                 f"base_model.model.{path}.ia3_l")
         node = site.node
-        # a quantized base keeps l in float32, as PEFT; the product returns to the activation's dtype (where PEFT's
-        # own 4-bit layer lets float32 leak into a bfloat16 model and fails)
-        act = getattr(node.meta.get("val"), "dtype", None) if site.quantized else None
+        # l in another dtype than the activations (a quantized base keeps it in float32, as PEFT; a weight cast on
+        # its way): the product returns to the activation's dtype (where PEFT's own 4-bit layer lets float32 leak
+        # into a bfloat16 model and fails)
+        act = getattr(node.meta.get("val"), "dtype", None)
         act = act if act is not None and act != dtype else None
         if feedforward:
             x = node.args[1] if site.kind == "addmm" else node.args[0]

@@ -23,8 +23,8 @@ before:                       after (linear):
                                   └ dropout ─ linear(A) ─ linear(B) ─ mul(s) ┘
 
 before:                       after (parameter site):
-    x ─ einsum(W) ─ y             W ─┬─ add ─ einsum(x, ·) ─ y
-                                  B ─ mm(A) ─ mul(s) ┘
+    x ─ einsum(W) ─ y             W ─┬─ add ─ einsum(x, ·) ─ y       (W reaching the op through a transpose,
+                                  B ─ mm(A) ─ mul(s) ┘                view or cast: the add goes before them)
 
 Parameters live at PEFT's in-memory names (``<path>.lora_A.<adapter>.weight``,
 ``<path>.lora_embedding_A.<adapter>``) and are saved under PEFT's file keys.
@@ -41,7 +41,8 @@ import torch.fx as fx
 from torch import nn
 
 from graphpeft.errors import GraphPeftError
-from graphpeft.match import LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites
+from graphpeft.match import (LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites,
+                             weight_reader)
 from graphpeft.registry import register_method, register_rule
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import Rewriter, get_attr_path
@@ -171,10 +172,14 @@ class LoraRule(Rule):
         a, b = self._starting_pair(rw, site, r, scale, weight, weight.T if in_out else weight)
         a_attr, b_attr = self._add_pair(rw, site.module_path, a, b)
         x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
-        # a quantized base keeps the adapter in float32 (PEFT's dtype there): x cast in before the dropout, the
-        # branch cast out, as PEFT does
-        act = getattr(site.node.meta.get("val"), "dtype", None) if site.quantized else None
+        # activations in another dtype than the adapter (a quantized base keeps it in float32, PEFT's dtype there;
+        # a weight cast on its way to the matmul): x cast in before the dropout, the branch cast out, as PEFT's
+        # LoRA layer does
+        act = getattr(site.node.meta.get("val"), "dtype", None)
         cast = act is not None and act != a.dtype
+        if cast and self.config.use_dora:
+            raise GraphPeftError(f"use_dora at {site.module_path}: its weight is cast to {act} on its way to the "
+                                 f"matmul; DoRA's weight norm is not defined across the cast, use plain LoRA there")
         if cast:
             x = rw.call(aten._to_copy.default, x, dtype=a.dtype)
         x = self._dropout(rw, x)
@@ -266,7 +271,8 @@ class LoraRule(Rule):
         experts = weight.shape[0] if weight.dim() == 3 else 1
         a, b = init_pair(self.config.init_lora_weights, r * experts, site.in_features, site.out_features, weight, r)
         a_attr, b_attr = self._add_pair(rw, wrapper_path(rw.gm, site, self.config), a, b)
-        rw.start_before(site.node)
+        reader = weight_reader(site)        # the op, or the transpose / view / cast of W on its way there
+        rw.start_before(reader)
         b_node, a_node = rw.get_param(b_attr), rw.get_param(a_attr)
         if experts == 1:
             delta = rw.call(aten.mm.default, b_node, a_node)
@@ -276,7 +282,7 @@ class LoraRule(Rule):
             delta = rw.call(aten.einsum.default, "ore,eri->eoi", [b_node, a_node])
         delta = rw.call(aten.mul.Tensor, delta, scale)
         patched = rw.call(aten.add.Tensor, site.weight, delta)
-        rw.replace_input(site.node, site.weight, patched)
+        rw.replace_input(reader, site.weight, patched)
 
     # -- the base op's operands -------------------------------------------------------------------
     @staticmethod

@@ -211,6 +211,34 @@ def test_target_parameters_matches_peft_both_ways(einsum_net, tmp_path):
     assert gm.get_nb_trainable_parameters()[0] == pm.get_nb_trainable_parameters()[0]
 
 
+class MixTransposed(Mix):
+    """The parameter reaches einsum through a transpose (and, in float64, a cast): still the parameter's site."""
+
+    def forward(self, x):
+        return torch.einsum("bsi,io->bso", x, self.weight.t().to(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_einsum_on_a_transposed_or_cast_parameter_matches_peft_target_parameters(dtype, tmp_path):
+    """PEFT's target_parameters patches the parameter wherever it is read: W + s B A, then the transpose and cast."""
+    torch.manual_seed(5)
+    net = EinsumNet()
+    net.mix = MixTransposed(16, 12)
+    net = net.to(dtype).eval()
+    net.mix.weight.data = net.mix.weight.data.float()     # float32 weight, cast to the activations' dtype
+    x = torch.randn(3, 5, 6, dtype=dtype)
+    fields = dict(target_modules=None, target_parameters=["mix.weight"], init_lora_weights=False)
+    gm = graphpeft.rewrite(copy.deepcopy(net), graphpeft.LoraConfig(**fields), example_inputs=(x,)).eval()
+    assert [(r.module_path, r.kind) for r in gm.records] == [("mix", "einsum")]
+    gm.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path).eval()
+    with torch.no_grad():
+        ours = gm(x)
+        torch.testing.assert_close(ours, theirs(x), atol=ATOL, rtol=0)
+        assert not torch.allclose(ours, net(x), atol=1e-3)
+        torch.testing.assert_close(gm.merge_and_unload()(x), ours, atol=ATOL, rtol=0)
+
+
 def test_tied_embedding_merges_into_its_own_copy(tmp_path):
     """GPT-2 ties wte to lm_head: the graph reads one parameter at two sites; only the embedding is adapted."""
     torch.manual_seed(0)

@@ -390,9 +390,10 @@ def test_a_site_prefix_tuning_cannot_rewrite_names_the_module_and_the_op():
     assert "\n" not in str(err.value)
 
 
-def test_a_weight_cast_to_another_dtype_is_not_taken_as_a_site():
-    """LoRA's branch would run in the parameter's dtype on activations of another: not a site (yet); the same
-    layer with a cast to the weight's own dtype is one."""
+def test_a_weight_cast_to_another_dtype_is_a_site_whose_branch_runs_in_the_weight_s_dtype():
+    """x @ W^T.to(float64) with a float32 W: a LoRA site. The branch runs as PEFT's LoRA layer runs on activations
+    of another dtype than its weights: x cast to the adapter's dtype (W's), B A x s cast back and added. The oracle
+    is that formula written out; merging gives W + s B A, cast on its way as before."""
 
     class Proj(nn.Module):
         def __init__(self, dtype):
@@ -410,8 +411,18 @@ def test_a_weight_cast_to_another_dtype_is_not_taken_as_a_site():
         def forward(self, x):
             return self.head(torch.relu(self.proj(x)))
 
-    cfg = graphpeft.LoraConfig(target_modules=["proj"])
-    same = graphpeft.rewrite(Model(torch.float32), cfg, example_inputs=(torch.randn(2, 8),))
-    assert [r.module_path for r in same.records] == ["proj"]
-    with pytest.raises(graphpeft.NoMatchError, match="proj"):
-        graphpeft.rewrite(Model(torch.float64), cfg, example_inputs=(torch.randn(2, 8, dtype=torch.float64),))
+    cfg = graphpeft.LoraConfig(target_modules=["proj"], init_lora_weights=False, r=4, lora_alpha=8)
+    model = Model(torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    ours = graphpeft.rewrite(model, cfg, example_inputs=(x,))
+    assert [r.module_path for r in ours.records] == ["proj"]
+    a, b = (p.detach() for n, p in ours.named_parameters() if "lora_" in n)
+    assert a.dtype == b.dtype == torch.float32
+    branch = ((x.float() @ a.T @ b.T) * 2.0).double()
+    expected = model.head(torch.relu(x @ model.proj.weight.t().double() + branch))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours.merge_and_unload()(x), expected, atol=1e-5, rtol=0)
+    with pytest.raises(graphpeft.GraphPeftError, match="cast to torch.float64 on its way"):
+        graphpeft.rewrite(Model(torch.float64), graphpeft.LoraConfig(target_modules=["proj"], use_dora=True),
+                          example_inputs=(x,))
