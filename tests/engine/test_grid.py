@@ -17,8 +17,6 @@ EXPECTED_FAILURES = {
     **{(arch, m): "raw-audio encoders (wav2vec2, HuBERT) embed no token ids and have no image patches: no place "
                   "for virtual tokens is defined"
        for arch in ("wav2vec2", "hubert") for m in _PROMPTS},
-    ("bloom", "prefix"): "ALiBi attention on 3-D [batch*heads, q, k] scores: prefix tuning is refused (4-D only)",
-    ("deberta_v2", "prefix"): "DeBERTa-v2 attends over 3-D [batch*heads, seq, dim] keys: prefix tuning is refused",
 }
 
 
