@@ -27,6 +27,18 @@ them, and a first-token pooling (select index 0 on the sequence axis, BERT's poo
                                           (model) ─ v[:, :, V:] ─ cat(P_v, ·) ─┘
              E ─ [linear ─ tanh ─ linear] ─ view ─ permute ─ P ─ select(row) ─ expand(B) ─ (P_k, P_v)
 
+Attention on 3-D keys and values with batch and heads folded into one axis, [B*H, S, d] (BLOOM scores with
+baddbmm(alibi, q, k^T), DeBERTa-v2 with bmm plus its relative-position terms), takes the prefix the same way
+with H read off the graph (the first axis over the input's batch size). The keys are replaced where they are
+still [B*H, S, d], before any transpose, cast or scalar scaling, so every reader of them sees the prefix
+(DeBERTa's position-to-content term as well as the scores); values at the site. ALiBi and relative positions
+are computed by the model from the extended sequence, so they cover the prefix as positions 0..V-1, which is
+what BLOOM builds from PEFT's extended mask with the prefix as its past.
+
+    before:  k3 [B*H, S, d] ─ transpose ─ baddbmm(alibi, q, ·) ─ ... ─ softmax ─ bmm(·, v3)
+    after:   k3 ─ view [B, H, S, d] ─ cat(P_k, ·[:, :, V:]) ─ view [B*H, S, d] ─ transpose ─ baddbmm ─ ...
+             v3 ─ view [B, H, S, d] ─ cat(P_v, ·[:, :, V:]) ─ view [B*H, S, d] ──────────────────── bmm
+
 Where keys arrive with their heads already repeated (grouped-query attention through repeat_kv) the
 prefix, which has the key/value heads, is repeated the same way. Decoder self-attention sites get the
 prefix; cross-attention and encoder sites, whose keys do not come from the extended sequence, do
