@@ -81,6 +81,8 @@ _HEAD_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defaul
                aten.unsqueeze.default, aten.slice.Tensor, aten.transpose.int, aten.clone.default,
                aten.contiguous.default, aten.alias.default}
 # ops between folded [B*H, S, d] keys and a 3-D score op that change no key's position
+_COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
+_FOLDS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _KEY_LAYOUT = {aten.transpose.int, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype,
                aten._to_copy.default, aten.to.dtype_layout}
 
@@ -547,9 +549,8 @@ def _site_shape(att: AttentionSite, seq: Any, batch: Any = None) -> tuple[int, i
         heads, head_dim = _folded_heads(att, seq, batch, where)
         return heads, head_dim, heads
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor) or key.dim() != 4 or value.dim() != 4:
-        ops = f"{att.node.target}" + (f" after {att.scores.target}" if att.scores is not None else "")
         shape = tuple(key.shape) if isinstance(key, torch.Tensor) else "?"
-        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({ops}, keys of shape {shape}) does not "
+        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}, keys of shape {shape}) does not "
                              f"take 4-D [batch, heads, sequence, head size] keys and values; prefix tuning cannot "
                              f"put a prefix there")
     if att.key is att.value:
@@ -579,7 +580,8 @@ def _ops(att: AttentionSite) -> str:
 
 
 def _folded_heads(att: AttentionSite, seq: Any, batch: Any, where: str) -> tuple[int, int]:
-    """(H, d) of a site on 3-D values [B*H, S, d]: H is the first axis over the input's batch size B."""
+    """(H, d) of a site on 3-D values [B*H, S, d]: H is the first axis over the input's batch size B. The keys
+    and values must be folded batch-major, from [B, H, S, d] (a reshape of it), as the prefix is laid in."""
     value = att.value.meta["val"]
     head_dim = value.shape[2]
     heads = _quotient(value.shape[0], batch)
@@ -587,8 +589,25 @@ def _folded_heads(att: AttentionSite, seq: Any, batch: Any, where: str) -> tuple
         raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}) takes 3-D values of shape "
                              f"{tuple(value.shape)}, not [batch*heads, sequence, head size] over the input's "
                              f"batch {batch} and sequence {seq}; prefix tuning cannot put a prefix there")
-    _folded_key(att, seq, head_dim)        # raises where the keys cannot be found
+    for role, x in (("keys", _folded_key(att, seq, head_dim)), ("values", att.value)):
+        if not _folded_from(x, batch, heads):
+            raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}) takes 3-D {role} "
+                                 f"({x.target}) that are not a reshape of [batch, heads, sequence, head size]; "
+                                 f"prefix tuning cannot tell which heads they fold")
     return heads, head_dim
+
+
+def _folded_from(x: fx.Node, batch: Any, heads: int) -> bool:
+    """x is a view / reshape of a [B, H, S, d] tensor (through copies): batch-major B*H."""
+    for _ in range(4):
+        if x.op != "call_function" or x.target not in _COPIES or not isinstance(x.args[0], fx.Node):
+            break
+        x = x.args[0]
+    if x.op != "call_function" or x.target not in _FOLDS or not isinstance(x.args[0], fx.Node):
+        return False
+    val = x.args[0].meta.get("val")
+    return (isinstance(val, torch.Tensor) and val.dim() == 4 and str(val.shape[0]) == str(batch)
+            and val.shape[1] == heads)
 
 
 def _quotient(folded: Any, batch: Any) -> Optional[int]:

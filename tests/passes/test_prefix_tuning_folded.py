@@ -1,7 +1,9 @@
 """Prefix tuning on attention sites whose keys and values are 3-D, batch and heads folded into one axis
 [B*H, S, d]: BLOOM (ALiBi scores through baddbmm) against PEFT on the same weights, both ways through the
 file format; DeBERTa-v2 (disentangled attention through bmm), which PEFT refuses, against the mathematics
-written in through the model's own forward. A 3-D site whose keys cannot be found is a one-line error.
+written in through the model's own forward; a custom 3-D model against the mathematics written out by hand.
+A 3-D site whose keys cannot be found, or whose fold is not batch-major, is a one-line error naming the module
+and the op.
 
 Each architecture is captured once per module; every rewrite works on a deep copy of that graph.
 """
@@ -209,35 +211,67 @@ def test_deberta_v2_adapter_reloads_and_training_moves_prefix_and_head(tmp_path)
 
 # -- a 3-D site that cannot take a prefix ---------------------------------------------------------------------
 
-class _GainedKeyAttention(nn.Module):
-    """3-D attention whose transposed keys [B*H, d, S] are scaled by a learned gain per head channel."""
+class _FoldedAttention(nn.Module):
+    """3-D attention on [B*H, S, d]; ``gain``: the transposed keys are scaled by a learned gain per head
+    channel; ``heads_major``: heads and batch are folded H*B (from [H, B, S, d]) instead of B*H."""
 
-    def __init__(self, width: int = 16, heads: int = 4):
+    def __init__(self, gain: bool, heads_major: bool, width: int = 16, heads: int = 4):
         super().__init__()
-        self.heads, self.qkv = heads, nn.Linear(width, 3 * width)
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width // heads).view(1, -1, 1))
+        self.heads, self.heads_major, self.qkv = heads, heads_major, nn.Linear(width, 3 * width)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width // heads).view(1, -1, 1)) if gain else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, s, width = h.shape
         d = width // self.heads
-        q, k, v = self.qkv(h).view(b, s, 3, self.heads, d).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads, s, d)
-        probs = torch.bmm(q, k.transpose(1, 2) * self.gain).softmax(-1)
-        return torch.bmm(probs, v).view(b, self.heads, s, d).transpose(1, 2).reshape(b, s, width)
+        qkv, order = self.qkv(h).view(b, s, 3, self.heads, d), (2, 0, 1, 3) if self.heads_major else (0, 2, 1, 3)
+        q, k, v = (qkv[:, :, i].permute(*order).reshape(b * self.heads, s, d) for i in range(3))
+        keys = k.transpose(1, 2) * self.gain if self.gain is not None else k.transpose(1, 2)
+        out = torch.bmm(torch.bmm(q, keys).softmax(-1), v)
+        out = out.view(self.heads, b, s, d).permute(1, 2, 0, 3) if self.heads_major else \
+            out.view(b, self.heads, s, d).transpose(1, 2)
+        return out.reshape(b, s, width)
 
 
-class _GainedKeyLM(nn.Module):
-    def __init__(self):
+class _FoldedLM(nn.Module):
+    def __init__(self, **attention):
         super().__init__()
-        self.embed, self.attn, self.head = nn.Embedding(50, 16), _GainedKeyAttention(), nn.Linear(16, 50)
+        self.embed, self.attn, self.head = nn.Embedding(50, 16), _FoldedAttention(**attention), nn.Linear(16, 50)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.attn(self.embed(input_ids)))
 
 
-def test_a_folded_site_without_reachable_keys_is_a_one_line_error_naming_module_and_op():
+@pytest.mark.parametrize("attention,says", [
+    (dict(gain=True, heads_major=False), r"3-D keys .* \(it reached aten\.mul\.Tensor\)"),
+    (dict(gain=False, heads_major=True), r"3-D keys \(aten\.reshape\.default\) that are not a reshape of \[batch, heads"),
+])
+def test_a_folded_site_that_cannot_take_the_prefix_is_a_one_line_error_naming_module_and_op(attention, says):
     ids = torch.randint(0, 50, (2, 6))
-    with pytest.raises(GraphPeftError) as err:
-        graphpeft.rewrite(_GainedKeyLM(), graphpeft.PrefixTuningConfig(num_virtual_tokens=V), example_inputs=(ids,))
+    config = graphpeft.PrefixTuningConfig(num_virtual_tokens=V)
+    with pytest.raises(GraphPeftError, match=says) as err:
+        graphpeft.rewrite(_FoldedLM(**attention), config, example_inputs=(ids,))
     message = str(err.value)
-    assert "\n" not in message
-    assert "attn" in message and "aten.bmm" in message and "aten.mul.Tensor" in message, message
+    assert "\n" not in message and "attention site attn (aten.bmm.default after aten.bmm.default)" in message, message
+
+
+def _folded_reference(model: _FoldedLM, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """_FoldedLM with its prefix written out by hand on [B, H, S, d]: keys cat(P_k, k), values cat(P_v, v)."""
+    attn, (b, s) = model.attn, ids.shape
+    prefix = table.view(V, 2, attn.heads, -1).permute(1, 2, 0, 3)              # [2, H, V, d]
+    q, k, v = attn.qkv(model.embed(ids)).view(b, s, 3, attn.heads, -1).permute(2, 0, 3, 1, 4)
+    k = torch.cat([prefix[0].expand(b, -1, -1, -1), k], 2)
+    v = torch.cat([prefix[1].expand(b, -1, -1, -1), v], 2)
+    out = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+    return model.head(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_the_same_folded_site_with_batch_major_keys_takes_the_prefix(tmp_path):
+    """The positive control of the errors above, against the mathematics written out by hand (a custom model:
+    no PEFT to compare with): plain B*H keys on the same module take the prefix."""
+    model, ids = _FoldedLM(gain=False, heads_major=False).eval(), torch.randint(0, 50, (2, 6))
+    gm = graphpeft.rewrite(model, graphpeft.PrefixTuningConfig(num_virtual_tokens=V), example_inputs=(ids,)).eval()
+    assert [r.info.get("folded_heads") for r in gm.records if "layer" in r.info] == [4]
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    got = gm(ids)
+    assert not torch.allclose(got, model(ids), atol=1e-4)
+    torch.testing.assert_close(got, _folded_reference(model, ids, _table(gm, tmp_path)), atol=ATOL, rtol=0)
