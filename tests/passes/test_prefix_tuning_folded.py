@@ -124,6 +124,35 @@ def test_bloom_graphpeft_adapter_loads_into_peft(projection, tmp_path):
     torch.testing.assert_close(pm(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_bloom_greedy_generation_equals_full_forwards_in_peft(tmp_path):
+    """Generation (a KV cache whose first V positions hold the prefix) against greedy decoding by full forwards,
+    no cache, of the same adapter loaded in PEFT (PEFT's own generate is not a sound oracle for prefix tuning:
+    DESIGN.md). Left-padded rows check ALiBi over the prefix while decoding."""
+    model, _, _ = _captured("bloom")
+    gm = graphpeft.rewrite(model, graphpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V)).eval()
+    for p in gm.parameters():   # generate() needs the model, not a graph; the prefix moved far from its init
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    gm.save_pretrained(tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    ids = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3], mask[2, :1] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+    want, seq, steps = [], ids, 5
+    for _ in range(steps):
+        want.append(pm(input_ids=seq, attention_mask=torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], 1),
+                       use_cache=False).logits[:, -1])
+        seq = torch.cat([seq, want[-1].argmax(-1, keepdim=True)], 1)
+    assert not torch.allclose(want[0], model(input_ids=ids, attention_mask=mask).logits[:, -1], atol=1e-3)
+    out = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                      eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, seq)
+    for got, expected in zip(out.logits, want):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
 # -- DeBERTa-v2: the mathematics as the oracle ----------------------------------------------------------------
 
 def _deberta_reference(model, batch: dict, table: torch.Tensor, filler: int = 7) -> torch.Tensor:
