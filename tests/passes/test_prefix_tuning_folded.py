@@ -272,7 +272,8 @@ class _FoldedLM(nn.Module):
 
 @pytest.mark.parametrize("attention,says", [
     (dict(gain=True, heads_major=False), r"3-D keys .* \(it reached aten\.mul\.Tensor\)"),
-    (dict(gain=False, heads_major=True), r"3-D keys \(aten\.reshape\.default\) that are not a reshape of \[batch, heads"),
+    (dict(gain=False, heads_major=True),
+     r"3-D keys \(aten\.reshape\.default\) that are not a reshape of \[batch, heads"),
 ])
 def test_a_folded_site_that_cannot_take_the_prefix_is_a_one_line_error_naming_module_and_op(attention, says):
     ids = torch.randint(0, 50, (2, 6))
