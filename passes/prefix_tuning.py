@@ -27,6 +27,18 @@ them, and a first-token pooling (select index 0 on the sequence axis, BERT's poo
                                           (model) ─ v[:, :, V:] ─ cat(P_v, ·) ─┘
              E ─ [linear ─ tanh ─ linear] ─ view ─ permute ─ P ─ select(row) ─ expand(B) ─ (P_k, P_v)
 
+Attention on 3-D keys and values with batch and heads folded into one axis, [B*H, S, d] (BLOOM scores with
+baddbmm(alibi, q, k^T), DeBERTa-v2 with bmm plus its relative-position terms), takes the prefix the same way
+with H read off the graph (the first axis over the input's batch size). The keys are replaced where they are
+still [B*H, S, d], before any transpose, cast or scalar scaling, so every reader of them sees the prefix
+(DeBERTa's position-to-content term as well as the scores); values at the site. ALiBi and relative positions
+are computed by the model from the extended sequence, so they cover the prefix as positions 0..V-1, which is
+what BLOOM builds from PEFT's extended mask with the prefix as its past.
+
+    before:  k3 [B*H, S, d] ─ transpose ─ baddbmm(alibi, q, ·) ─ ... ─ softmax ─ bmm(·, v3)
+    after:   k3 ─ view [B, H, S, d] ─ cat(P_k, ·[:, :, V:]) ─ view [B*H, S, d] ─ transpose ─ baddbmm ─ ...
+             v3 ─ view [B, H, S, d] ─ cat(P_v, ·[:, :, V:]) ─ view [B*H, S, d] ──────────────────── bmm
+
 Where keys arrive with their heads already repeated (grouped-query attention through repeat_kv) the
 prefix, which has the key/value heads, is repeated the same way. Decoder self-attention sites get the
 prefix; cross-attention and encoder sites, whose keys do not come from the extended sequence, do
@@ -43,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import sympy
 import torch
 import torch.fx as fx
 from torch import nn
@@ -67,6 +80,11 @@ _RESOLVED = ("num_layers", "token_dim", "num_attention_heads", "encoder_hidden_s
 _HEAD_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
                aten.unsqueeze.default, aten.slice.Tensor, aten.transpose.int, aten.clone.default,
                aten.contiguous.default, aten.alias.default}
+# ops between folded [B*H, S, d] keys and a 3-D score op that change no key's position
+_COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
+_FOLDS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_KEY_LAYOUT = {aten.transpose.int, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype,
+               aten._to_copy.default, aten.to.dtype_layout}
 
 
 def _positive(value: Any) -> bool:
@@ -161,6 +179,8 @@ class PrefixSite:
     value_row: int
     repeat: int                                     # heads at the site / key-value heads of the prefix
     fillers: bool = True                            # keys and values carry V filler positions to replace
+    folded_key: Optional[fx.Node] = None            # 3-D sites: the [B*H, S, d] keys every key reader reads
+    heads: int = 0                                  # 3-D sites: the H folded into their first axis
 
     @property
     def node(self) -> fx.Node:
@@ -199,13 +219,16 @@ class PrefixTuningRule(Rule):
         if not taken:
             raise NoMatchError(f"prefix_tuning: none of the {len(found)} attention sites reads the sequence of "
                                f"{main.target}; there is nothing to put a prefix in front of")
-        shapes = [_site_shape(a, seq) for a in taken]
+        batch = main.meta["val"].shape[0]
+        shapes = [_site_shape(a, seq, batch) for a in taken]
         dims = self._resolve(gm, main, shapes, len(taken))
         sites: list[Any] = []
-        for j, (att, (heads, _, _)) in enumerate(zip(taken, shapes)):
+        for j, (att, (heads, head_dim, _)) in enumerate(zip(taken, shapes)):
             key_row, value_row = dims.rows(j)
             path = module_stack_entry(att.node)[0] or att.node.name
-            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.num_attention_heads))
+            folded = _folded_key(att, seq, head_dim) if _three_d(att) else None
+            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.num_attention_heads,
+                                    folded_key=folded, heads=heads if folded is not None else 0))
         ids_reach = _downstream([n for n in inputs if "mask" not in str(n.target)])
         entry = SequenceEntry(main, f"prompt_encoder.{self.adapter_name}", inputs, _filler(gm, main), dims,
                               _pooling_ops(gm, ids_reach, seq), _sequence_outputs(gm, ids_reach, seq))
@@ -306,6 +329,8 @@ class PrefixTuningRule(Rule):
             raise GraphPeftError("prefix_tuning: an attention site came before the sequence entry (internal order)")
         att, n = site.attention, self.config.num_virtual_tokens
         rw = Rewriter(gm, self.name, att.node, site.module_path, att.kind, adapter=self.adapter_name)
+        if site.folded_key is not None:
+            return self._rewrite_folded(rw, site, n)
         key_user = att.scores if att.kind == "eager" else att.node
         rw.start_before(key_user)
         drop = n if site.fillers else 0
@@ -317,6 +342,33 @@ class PrefixTuningRule(Rule):
         new_value = self._with_prefix(rw, att.value, site.value_row, site.repeat, drop, transposed=False)
         rw.replace_input(att.node, att.value, new_value)
         return rw.record(layer=site.layer, key_row=site.key_row, value_row=site.value_row, repeat=site.repeat)
+
+    def _rewrite_folded(self, rw: Rewriter, site: PrefixSite, n: int) -> Rewrite:
+        """A site on 3-D [B*H, S, d] keys and values (BLOOM's baddbmm with ALiBi, DeBERTa-v2's bmm): the keys
+        every reader of the folded keys reads (the scores, and DeBERTa's position-to-content term) and the
+        values get the prefix in place of their V filler positions, through the 4-D cat:
+
+            k3 ─ reshape [B, H, S, d] ─ cat(P_k, ·[:, :, V:]) ─ reshape [B*H, S, d] ─┬─ transpose ─ baddbmm
+                                                                                      └─ (other key readers)
+        The additive bias (ALiBi) and the masks were computed from the extended sequence: they cover the
+        prefix at positions 0..V-1 as the model's own past would be.
+        """
+        att, key = site.attention, site.folded_key
+        rw.start_before(key.next)
+        new_key = self._with_folded_prefix(rw, key, site, site.key_row, n)
+        rw.replace_uses(key, new_key)
+        rw.start_before(att.node)
+        new_value = self._with_folded_prefix(rw, att.value, site, site.value_row, n)
+        rw.replace_input(att.node, att.value, new_value)
+        return rw.record(layer=site.layer, key_row=site.key_row, value_row=site.value_row, repeat=site.repeat,
+                         folded_heads=site.heads)
+
+    def _with_folded_prefix(self, rw: Rewriter, x: fx.Node, site: PrefixSite, row: int, n: int) -> fx.Node:
+        """x [B*H, S, d] (batch-major fold) -> [B, H, S, d] -> prefix in place of the first n -> [B*H, S, d]."""
+        head_dim = x.meta["val"].shape[2]
+        unfolded = rw.call(aten.reshape.default, x, [-1, site.heads, rw.call(aten.sym_size.int, x, 1), head_dim])
+        joined = self._with_prefix(rw, unfolded, row, site.repeat, n, transposed=False)
+        return rw.call(aten.reshape.default, joined, [-1, rw.call(aten.sym_size.int, joined, 2), head_dim])
 
     def _with_prefix(self, rw: Rewriter, x: fx.Node, row: int, repeat: int, n: int, transposed: bool) -> fx.Node:
         """cat(prefix row, x without its first n positions) on x's sequence axis (n = 0: all of x).
@@ -488,14 +540,17 @@ def _prepend(rw: Rewriter, node: fx.Node, n: int, fill: Any, offset: int = 0) ->
 
 # -- attention sites --------------------------------------------------------------------------------
 
-def _site_shape(att: AttentionSite, seq: Any) -> tuple[int, int, int]:
-    """(heads at the site, head size, key/value heads before any repetition) of a 4-D attention site."""
+def _site_shape(att: AttentionSite, seq: Any, batch: Any = None) -> tuple[int, int, int]:
+    """(heads at the site, head size, key/value heads before any repetition) of a 4-D attention site, or of a
+    3-D one on a token sequence (heads folded into the batch axis: [B*H, S, d])."""
     key, value = att.key.meta.get("val"), att.value.meta.get("val")
     where = module_stack_entry(att.node)[0] or att.node.name
+    if seq is not None and _three_d(att):
+        heads, head_dim = _folded_heads(att, seq, batch, where)
+        return heads, head_dim, heads
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor) or key.dim() != 4 or value.dim() != 4:
-        ops = f"{att.node.target}" + (f" after {att.scores.target}" if att.scores is not None else "")
         shape = tuple(key.shape) if isinstance(key, torch.Tensor) else "?"
-        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({ops}, keys of shape {shape}) does not "
+        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}, keys of shape {shape}) does not "
                              f"take 4-D [batch, heads, sequence, head size] keys and values; prefix tuning cannot "
                              f"put a prefix there")
     if att.key is att.value:
@@ -513,6 +568,87 @@ def _site_shape(att: AttentionSite, seq: Any) -> tuple[int, int, int]:
                              f"which do not run along the sequence of the input; prefix tuning cannot put a "
                              f"prefix there")
     return heads, head_dim, _kv_heads(att.value, heads, head_dim)
+
+
+def _three_d(att: AttentionSite) -> bool:
+    vals = [x.meta.get("val") for x in (att.key, att.value)]
+    return all(isinstance(v, torch.Tensor) and v.dim() == 3 for v in vals)
+
+
+def _ops(att: AttentionSite) -> str:
+    return f"{att.node.target}" + (f" after {att.scores.target}" if att.scores is not None else "")
+
+
+def _folded_heads(att: AttentionSite, seq: Any, batch: Any, where: str) -> tuple[int, int]:
+    """(H, d) of a site on 3-D values [B*H, S, d]: H is the first axis over the input's batch size B. The keys
+    and values must be folded batch-major, from [B, H, S, d] (a reshape of it), as the prefix is laid in."""
+    value = att.value.meta["val"]
+    head_dim = value.shape[2]
+    heads = _quotient(value.shape[0], batch)
+    if att.key is att.value or not _same(value.shape[1], seq) or not isinstance(head_dim, int) or heads is None:
+        raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}) takes 3-D values of shape "
+                             f"{tuple(value.shape)}, not [batch*heads, sequence, head size] over the input's "
+                             f"batch {batch} and sequence {seq}; prefix tuning cannot put a prefix there")
+    for role, x in (("keys", _folded_key(att, seq, head_dim)), ("values", att.value)):
+        if not _folded_from(x, batch, heads):
+            raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}) takes 3-D {role} "
+                                 f"({x.target}) that are not a reshape of [batch, heads, sequence, head size]; "
+                                 f"prefix tuning cannot tell which heads they fold")
+    return heads, head_dim
+
+
+def _folded_from(x: fx.Node, batch: Any, heads: int) -> bool:
+    """x is a view / reshape of a [B, H, S, d] tensor (through copies): batch-major B*H."""
+    for _ in range(4):
+        if x.op != "call_function" or x.target not in _COPIES or not isinstance(x.args[0], fx.Node):
+            break
+        x = x.args[0]
+    if x.op != "call_function" or x.target not in _FOLDS or not isinstance(x.args[0], fx.Node):
+        return False
+    val = x.args[0].meta.get("val")
+    return (isinstance(val, torch.Tensor) and val.dim() == 4 and str(val.shape[0]) == str(batch)
+            and val.shape[1] == heads)
+
+
+def _quotient(folded: Any, batch: Any) -> Optional[int]:
+    """folded / batch when it is a positive whole number, for plain and symbolic sizes (4*s0 / s0 = 4)."""
+    if isinstance(folded, int) and isinstance(batch, int):
+        return folded // batch if batch > 0 and folded % batch == 0 else None
+    if isinstance(folded, int) or isinstance(batch, int):
+        return None
+    ratio = sympy.simplify(folded.node.expr / batch.node.expr)
+    return int(ratio) if ratio.is_Integer and int(ratio) > 0 else None
+
+
+def _folded_key(att: AttentionSite, seq: Any, head_dim: int) -> fx.Node:
+    """The [B*H, S, d] keys behind the score operand of a 3-D site, through transposes, casts and scalings
+    (DeBERTa's k^T / scale): the node whose readers all see keys on the sequence axis."""
+    node = att.key
+    for _ in range(8):
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if (isinstance(val, torch.Tensor) and val.dim() == 3 and _same(val.shape[1], seq) and val.shape[2] == head_dim
+                and str(val.shape[0]) == str(att.value.meta["val"].shape[0])):
+            return node
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not _key_preserving(node):
+            break
+        node = node.args[0]
+    where = module_stack_entry(att.node)[0] or att.node.name
+    seen = f"{node.target}" if isinstance(node, fx.Node) else repr(node)
+    shape = tuple(att.key.meta["val"].shape) if isinstance(att.key.meta.get("val"), torch.Tensor) else "?"
+    raise GraphPeftError(f"prefix_tuning: the attention site {where} ({_ops(att)}) takes 3-D keys of shape {shape} "
+                         f"that do not come from [batch*heads, sequence, head size] keys through transposes, casts "
+                         f"or scalings (it reached {seen}); prefix tuning cannot put a prefix there")
+
+
+def _key_preserving(node: fx.Node) -> bool:
+    """An op that moves, casts or scales keys by a scalar: the prefix may enter before it."""
+    if node.target in _KEY_LAYOUT:
+        return True
+    if node.target in (aten.div.Tensor, aten.mul.Tensor) and len(node.args) == 2:
+        other = node.args[1]
+        val = other.meta.get("val") if isinstance(other, fx.Node) else other
+        return isinstance(val, (int, float)) or (isinstance(val, torch.Tensor) and val.dim() == 0)
+    return False
 
 
 def _four_d(att: AttentionSite) -> bool:

@@ -14,8 +14,6 @@ EXPECTED_FAILURES = {
     **{("swin", m): "Swin's windowed attention: its window reshapes take the patch count, so virtual tokens "
                     "break them (and its stages differ in head size for one prefix shape)"
        for m in (*_PROMPTS, "prefix")},
-    ("bloom", "prefix"): "ALiBi attention on 3-D [batch*heads, q, k] scores: prefix tuning is refused (4-D only)",
-    ("deberta_v2", "prefix"): "DeBERTa-v2 attends over 3-D [batch*heads, seq, dim] keys: prefix tuning is refused",
 }
 
 
