@@ -63,11 +63,14 @@ def hoist_parameter_ops(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(read)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    sources = [str(n.target) for n in weights_graph.nodes if n.op == "get_attr"]
-    state: dict[str, Any] = {"key": None}
+    sources = [str(n.target).rpartition(".") for n in weights_graph.nodes if n.op == "get_attr"]
+    state: dict[str, Any] = {"key": None, "owners": None}
 
     def refresh(module: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-        tensors = [get_attr_path(module, t) for t in sources]      # read now: .to() may have replaced a buffer
+        owners = state["owners"]
+        if owners is None or owners[0] is not module:      # the modules holding them, found once (a decode step
+            owners = state["owners"] = (module, [(module.get_submodule(path), leaf) for path, _, leaf in sources])
+        tensors = [getattr(owner, leaf) for owner, leaf in owners[1]]    # read now: .to() may have replaced one
         key = tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if key != state["key"]:
             with torch.no_grad():
