@@ -27,13 +27,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import graphpeft
 from graphpeft.passes.prefix_tuning import prompt_embeddings
+from graphpeft.rewriter import get_attr_path
 from tests.grid_models import tiny_swin
 from tests.models import inputs_for
-from tests.passes.test_prompt_vision import METHODS as VPT_METHODS
-from tests.passes.test_prompt_vision import _config as vpt_config
-from tests.passes.test_prompt_vision import _extra as vpt_extra
-from tests.passes.test_prompt_vision import _prompts as vpt_prompts
-from tests.passes.test_prompt_vision import _step_save_reload as vpt_step_save_reload
 
 V = 3
 ATOL = 1e-5
@@ -146,6 +142,50 @@ def test_one_prefix_size_on_mixed_widths_is_a_one_line_error(swin, field, value)
 
 
 # -- Visual Prompt Tuning on Swin: prompts beside the windows --------------------------------------------------
+
+VPT_METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+TASKS = torch.tensor([1, 0, 1])
+
+
+def vpt_config(method, **kw):
+    if method == "prompt_tuning":
+        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
+    if method == "p_tuning":
+        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
+    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+
+
+def vpt_extra(method):
+    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+
+
+def vpt_prompts(ours, method, batch):
+    """The [B, V, C] prompts, from the rewritten model's own parameters (PEFT's formulas)."""
+    gm = ours.graph_module
+    if method == "prompt_tuning":
+        return get_attr_path(gm, "prompt_encoder.default.embedding.weight").expand(batch, -1, -1)
+    if method == "p_tuning":
+        return get_attr_path(gm, "prompt_encoder.default")().expand(batch, -1, -1)
+    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
+    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
+    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
+    return table * (cols[TASKS] @ rows[TASKS])
+
+
+def vpt_step_save_reload(ours, gm, pixels, labels, extra, tmp_path):
+    """One SGD step moves exactly the trainable parameters; save -> from_pretrained gives equal logits."""
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    loss = torch.nn.functional.cross_entropy(ours(pixel_values=pixels, **extra).logits, labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1.0).step()
+    assert {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])} == trainable
+    ours.eval().save_pretrained(tmp_path / "adapter")
+    loaded = graphpeft.from_pretrained(copy.deepcopy(gm), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels, **extra).logits,
+                                   ours(pixel_values=pixels, **extra).logits, atol=ATOL, rtol=0)
 
 def _window_attention(blk, tokens, mask, n):
     """Swin's window attention written out over [prompts, window] tokens: bias and mask padded with zero rows and
