@@ -54,6 +54,8 @@ AttentionInterface.register("graphpeft_swin_prefix_oracle", _prefix_attention)
 CONFIGS = {
     "head_sizes_differ": dict(depths=[2, 2], num_heads=[2, 2]),          # head size 8, then 16 (the grid's kind)
     "head_counts_differ": dict(depths=[2, 2], num_heads=[2, 4]),         # head size 8 everywhere (Swin-T's kind)
+    # 3x3 windows: both stages padded to a multiple of 3 (8x8 -> 9x9, 4x4 -> 6x6), both with a shifted block
+    "padded_windows": dict(depths=[2, 2], num_heads=[2, 4], window_size=3),
 }
 
 
@@ -67,6 +69,13 @@ def swin(request):
 
 def _attentions(model):
     return [block.attention for stage in model.swin.encoder.layers for block in stage.blocks]
+
+
+def _windows(model, stage: int) -> int:
+    """Windows per image at ``stage``: the patch grid padded to a multiple of the window (clamped to the grid)."""
+    side = model.config.image_size // model.config.patch_size // 2 ** stage
+    window = min(model.config.window_size, side)
+    return (-(-side // window)) ** 2
 
 
 def _oracle_with_prefix(model, pixels, table):
@@ -99,8 +108,9 @@ def test_prefix_in_every_window_equals_the_model_attending_to_the_prefix(swin):
         base = model(pixel_values=pixels).logits
         table = prompt_embeddings(ours.graph_module, next(r for r in ours.records if r.kind == "prefix"))
     expected = _oracle_with_prefix(model, pixels, table)
-    assert [w for w, _ in _SEEN] == [12, 12, 3, 3]              # 4 windows x 3 images, then 1 window x 3
-    assert _SEEN[1][1][0] == 12                                 # the shifted block's per-window mask reached it
+    windows = [3 * _windows(model, stage) for stage, blocks in enumerate(model.config.depths) for _ in range(blocks)]
+    assert [w for w, _ in _SEEN] == windows                     # batch x windows rows, every block
+    assert _SEEN[1][1][0] == windows[1]                         # the shifted block's per-window mask reached it
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got - base).abs().max() > 1e-4                      # the prefix matters
 
