@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from graphpeft.errors import GraphPeftError
 from graphpeft.match import Site, attention_sites, find_sites, module_stack_entry
+from graphpeft.window_sequence import insert_beside_windows, windowed_sites
 
 aten = torch.ops.aten
 _INT_MAX = 9223372036854775807
@@ -52,6 +53,7 @@ class PatchSequence:
     dim: int                # H
     ids: Any = None         # no token ids
     vocab_size: Optional[int] = None
+    windowed: bool = False  # attention within windows (Swin): prompts go beside them (graphpeft.window_sequence)
 
     @property
     def node(self) -> fx.Node:
@@ -87,7 +89,8 @@ def patch_sequence(gm: fx.GraphModule) -> Optional[PatchSequence]:
     if length < patches:
         raise GraphPeftError(f"the embeddings module {module} returns {length} positions for {patches} patches; "
                              f"virtual tokens need the patch tokens in its output")
-    return PatchSequence(conv, outputs[0], module, length, length - patches, int(val.shape[2]))
+    windowed = bool(windowed_sites(gm, val.shape[0]))
+    return PatchSequence(conv, outputs[0], module, length, length - patches, int(val.shape[2]), windowed=windowed)
 
 
 def insert_after_leading(rw: Any, seq: PatchSequence, prompts: fx.Node, n: int, batched: bool = False) -> fx.Node:
@@ -96,6 +99,8 @@ def insert_after_leading(rw: Any, seq: PatchSequence, prompts: fx.Node, n: int, 
     ``prompts`` is [n, H] (the same for every image) or [B, n, H] when ``batched``; then the backbone's
     constant sequence length L becomes L+n.
     """
+    if seq.windowed:
+        return insert_beside_windows(rw, seq.output, prompts, n, batched)
     out, k = seq.output, seq.leading
     _lengthen(rw.gm, seq, n)
     rw.start_before(out.next)

@@ -39,6 +39,19 @@ what BLOOM builds from PEFT's extended mask with the prefix as its past.
     after:   k3 ─ view [B, H, S, d] ─ cat(P_k, ·[:, :, V:]) ─ view [B*H, S, d] ─ transpose ─ baddbmm ─ ...
              v3 ─ view [B, H, S, d] ─ cat(P_v, ·[:, :, V:]) ─ view [B*H, S, d] ──────────────────── bmm
 
+Sites of different widths (Swin's stages double the width: more heads, or larger ones) get one prefix each at
+their own width. The table is then [V, 2 * sum_j T_j], a row holding layer 0's key prefix (T_0 columns), its
+value prefix, then layer 1's ... in layer order: PEFT's [V, 2L*T] layout when all T_j are equal, so it is PEFT's
+layout generalised, not a new one. Sizes are read off the graph (no one token_dim; a given token_dim,
+num_attention_heads or num_layers other than the site count is refused), and prefix_projection, whose PEFT form
+embeds the V tokens at one token_dim, is refused on mixed widths. On Swin's window attention the attention batch
+is batch * windows: the prefix is expanded over it, so every window's queries attend to the same prefix, and the
+additive relative-position bias and shifted-window mask get V zero columns in front (no position, never masked):
+
+    before:  k [B*nW, h_j, 16, d_j] ───────────────┬─ sdpa(q, ·, v, bias + mask)
+    after:   k ─ cat(P_k expanded to B*nW, ·) ─────┴─ sdpa(q, ·, cat(P_v, v), pad(bias + mask, V zeros in front))
+             E [V, 2 sum T] ─ slice(cols of row 2j) ─ view [V, h_j, d_j] ─ permute ─ P_k
+
 Where keys arrive with their heads already repeated (grouped-query attention through repeat_kv) the
 prefix, which has the key/value heads, is repeated the same way. Decoder self-attention sites get the
 prefix; cross-attention and encoder sites, whose keys do not come from the extended sequence, do
@@ -144,10 +157,29 @@ class PrefixDims:
     num_attention_heads: int
     encoder_hidden_size: int
     num_transformer_submodules: int
+    widths: tuple[tuple[int, int], ...] = ()        # mixed widths: (key/value heads, head size) of each layer
 
     @property
     def head_dim(self) -> int:
         return self.token_dim // self.num_attention_heads
+
+    @property
+    def table_width(self) -> int:
+        """Columns of the [V, .] table: every layer's key and value prefix, 2 * sum of the layers' widths."""
+        if self.widths:
+            return 2 * sum(h * d for h, d in self.widths)
+        return 2 * self.num_layers * self.token_dim
+
+    def layer_heads(self, layer: int) -> tuple[int, int]:
+        """(key/value heads, head size) of the prefix of attention site ``layer``."""
+        return self.widths[layer] if self.widths else (self.num_attention_heads, self.head_dim)
+
+    def columns(self, row: int) -> tuple[int, int]:
+        """Mixed widths: the [start, end) columns of prefix row ``row`` (2j keys, 2j+1 values of layer j) in
+        the table row, which holds layer 0's keys and values, then layer 1's, ... each at its own width."""
+        layer, width = row // 2, self.widths[row // 2][0] * self.widths[row // 2][1]
+        start = 2 * sum(h * d for h, d in self.widths[:layer]) + (row % 2) * width
+        return start, start + width
 
     def rows(self, layer: int) -> tuple[int, int]:
         """(key row, value row) of attention site ``layer`` in the [2L, ...] prefix: PEFT's cache layout."""
@@ -195,7 +227,8 @@ class PrefixTuningRule(Rule):
 
     def __init__(self, config: Any, adapter_name: str = "default"):
         super().__init__(config, adapter_name)
-        self._prefix: Optional[fx.Node] = None       # the [2L, h, V, d] node, made by the entry rewrite
+        self._prefix: Optional[fx.Node] = None       # the [2L, h, V, d] node ([V, width]: mixed widths)
+        self._dims: Optional[PrefixDims] = None       # both made by the entry rewrite
 
     # -- pattern ---------------------------------------------------------------------------------
     def sites(self, gm: fx.GraphModule) -> list[Any]:
@@ -227,7 +260,7 @@ class PrefixTuningRule(Rule):
             key_row, value_row = dims.rows(j)
             path = module_stack_entry(att.node)[0] or att.node.name
             folded = _folded_key(att, seq, head_dim) if _three_d(att) else None
-            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.num_attention_heads,
+            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.layer_heads(j)[0],
                                     folded_key=folded, heads=heads if folded is not None else 0))
         ids_reach = _downstream([n for n in inputs if "mask" not in str(n.target)])
         entry = SequenceEntry(main, f"prompt_encoder.{self.adapter_name}", inputs, _filler(gm, main), dims,
@@ -259,13 +292,15 @@ class PrefixTuningRule(Rule):
         for j, (att, (heads, _, _)) in enumerate(zip(found, shapes)):
             key_row, value_row = dims.rows(j)
             path = module_stack_entry(att.node)[0] or att.node.name
-            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.num_attention_heads, False))
+            sites.append(PrefixSite(att, path, j, key_row, value_row, heads // dims.layer_heads(j)[0], False))
         return sites
 
     def _resolve(self, gm: fx.GraphModule, main: fx.Node, shapes: list[tuple[int, int, int]],
                  n_sites: int) -> PrefixDims:
         """Config sizes, else the model config's (PEFT's rules, grouped-query heads included), else the graph's."""
         cfg, model = self.config, _model_sizes(gm)
+        if len({(s[2], s[1]) for s in shapes}) > 1:      # widths differ by layer (Swin's stages)
+            return _mixed_dims(cfg, shapes)
         heads, token_dim = _head_sizes(cfg, model, shapes)
         nts = cfg.num_transformer_submodules
         if nts is None:     # PEFT: 2 for SEQ_2_SEQ_LM; with no task type, 2 when the decoder carries the prefix
@@ -304,8 +339,12 @@ class PrefixTuningRule(Rule):
             prefix = rw.call(aten.tanh.default, prefix)
             prefix = rw.call(aten.linear.default, prefix, rw.get_param(attrs["transform.2.weight"]),
                              rw.get_param(attrs["transform.2.bias"]))
-        prefix = rw.call(aten.view.default, prefix, [n, 2 * dims.num_layers, dims.num_attention_heads, dims.head_dim])
-        self._prefix = rw.call(aten.permute.default, prefix, [1, 2, 0, 3])
+        self._dims = dims
+        if not dims.widths:
+            prefix = rw.call(aten.view.default, prefix, [n, 2 * dims.num_layers, dims.num_attention_heads,
+                                                         dims.head_dim])
+            prefix = rw.call(aten.permute.default, prefix, [1, 2, 0, 3])
+        self._prefix = prefix
         # V filler positions in front of every input on the sequence axis
         for node in entry.inputs:
             name = str(node.target)
@@ -321,8 +360,12 @@ class PrefixTuningRule(Rule):
         for node in entry.outputs:      # contiguous, as the model's own outputs are (losses .view them)
             kept = rw.call(aten.slice.Tensor, node, 1, n, _INT_MAX)
             rw.replace_input(output, node, rw.call(aten.clone.default, kept, memory_format=torch.contiguous_format))
-        return rw.record(**{"num_virtual_tokens": n, "prefix_projection": bool(project),
-                            **{k: getattr(dims, k) for k in _RESOLVED}})
+        resolved = {k: getattr(dims, k) for k in _RESOLVED}
+        if dims.widths:     # no one token_dim: the sizes are read off the graph again when the file is loaded
+            resolved = {k: v for k, v in resolved.items()
+                        if k not in ("token_dim", "num_attention_heads", "encoder_hidden_size")}
+            resolved["layer_widths"] = [list(w) for w in dims.widths]
+        return rw.record(**{"num_virtual_tokens": n, "prefix_projection": bool(project), **resolved})
 
     def _rewrite_attention(self, gm: fx.GraphModule, site: PrefixSite) -> Rewrite:
         if self._prefix is None:
@@ -375,7 +418,7 @@ class PrefixTuningRule(Rule):
 
         x is [B, H, S, d], or [B, H, d, S] for the key operand of eager attention (``transposed``).
         """
-        p = rw.call(aten.select.int, self._prefix, 0, row)                     # [h, V, d]
+        p = self._prefix_row(rw, row)                                          # [h, V, d]
         if repeat > 1:
             p = rw.call(aten.repeat_interleave.self_int, p, repeat, 0)         # repeat_kv's head order
         p = rw.call(aten.unsqueeze.default, p, 0)
@@ -386,6 +429,17 @@ class PrefixTuningRule(Rule):
             p = rw.call(aten.transpose.int, p, 2, 3)
         rest = rw.call(aten.slice.Tensor, x, axis, n, _INT_MAX) if n else x
         return rw.call(aten.cat.default, [p, rest], axis)
+
+    def _prefix_row(self, rw: Rewriter, row: int) -> fx.Node:
+        """Row ``row`` of the prefix as [h, V, d]: a select of [2L, h, V, d], or with mixed widths the row's
+        columns of the [V, width] table viewed at its layer's heads."""
+        if not self._dims.widths:
+            return rw.call(aten.select.int, self._prefix, 0, row)
+        start, end = self._dims.columns(row)
+        heads, head_dim = self._dims.layer_heads(row // 2)
+        cols = rw.call(aten.slice.Tensor, self._prefix, 1, start, end)
+        cols = rw.call(aten.view.default, cols, [self._dims.num_virtual_tokens, heads, head_dim])
+        return rw.call(aten.permute.default, cols, [1, 0, 2])
 
     # -- what the engine asks after rewriting ---------------------------------------------------------
     @classmethod
@@ -400,11 +454,17 @@ class PrefixTuningRule(Rule):
         entry = next((r for r in records if r.kind == ENCODER_KIND), None)
         if entry is None:
             return {}
-        info = entry.info
-        heads, n = int(info["num_attention_heads"]), int(info["num_virtual_tokens"])
-        prefix = prompt_embeddings(gm, entry).detach()
-        prefix = prefix.view(n, 2 * int(info["num_layers"]), heads, int(info["token_dim"]) // heads).permute(1, 2, 0, 3)
-        return {int(r.info["layer"]): (prefix[int(r.info["key_row"])], prefix[int(r.info["value_row"])])
+        info, table = entry.info, prompt_embeddings(gm, entry).detach()
+        n = int(info["num_virtual_tokens"])
+        if "layer_widths" in info:
+            dims = PrefixDims(n, int(info["num_layers"]), 0, 0, 0, 1, tuple(map(tuple, info["layer_widths"])))
+            rows = [table[:, slice(*dims.columns(row))].view(n, *dims.layer_heads(row // 2)).permute(1, 0, 2)
+                    for row in range(2 * dims.num_layers)]
+        else:
+            heads = int(info["num_attention_heads"])
+            rows = table.view(n, 2 * int(info["num_layers"]), heads, int(info["token_dim"]) // heads)
+            rows = rows.permute(1, 2, 0, 3)
+        return {int(r.info["layer"]): (rows[int(r.info["key_row"])], rows[int(r.info["value_row"])])
                 for r in records if r.kind != ENCODER_KIND and "layer" in r.info}
 
     @classmethod
@@ -752,14 +812,30 @@ def _model_sizes(gm: fx.GraphModule) -> dict[str, Optional[int]]:
     return out
 
 
+def _mixed_dims(cfg: PrefixTuningConfig, shapes: list[tuple[int, int, int]]) -> PrefixDims:
+    """Sites of different widths (Swin's stages: more heads, or larger ones): one prefix per site at its own
+    width, in one table whose row holds every layer's key and value prefix in layer order (PEFT's [V, 2L*T]
+    layout when all are equal). Sizes are read off the graph; one token_dim, PEFT's projection (an embedding of
+    token_dim) or an encoder-decoder's row layout cannot fit them."""
+    found = sorted({f"{kv}x{d}" for _, d, kv in shapes})
+    for name in ("token_dim", "num_attention_heads", "prefix_projection"):
+        if getattr(cfg, name):
+            raise GraphPeftError(f"prefix_tuning: {name}={getattr(cfg, name)!r} but the attention sites have "
+                                 f"different widths (heads x head size: {found}), so each layer's prefix takes "
+                                 f"its own width; leave {name} unset")
+    if cfg.num_layers not in (None, len(shapes)) or cfg.num_transformer_submodules == 2:
+        raise GraphPeftError(f"prefix_tuning: the {len(shapes)} attention sites have different widths "
+                             f"({found}): one prefix per site, so num_layers must be {len(shapes)} and "
+                             f"num_transformer_submodules 1 (or leave them unset)")
+    widths = tuple((kv, d) for _, d, kv in shapes)
+    return PrefixDims(cfg.num_virtual_tokens, len(shapes), 0, 0, 0, 1, widths)
+
+
 def _head_sizes(cfg: PrefixTuningConfig, model: dict[str, Optional[int]],
                 shapes: list[tuple[int, int, int]]) -> tuple[int, int]:
     """(num_attention_heads, token_dim) of the prefix: the config's, else the model config's if they fit the
     sites, else the graph's (key/value heads x head size). Given sizes that do not fit are an error."""
     head_dim = shapes[0][1]
-    if any(s[1] != head_dim for s in shapes):
-        raise GraphPeftError(f"prefix_tuning: attention sites have different head sizes "
-                             f"({sorted({s[1] for s in shapes})}); one prefix shape cannot fit them all")
 
     def fits(heads: Optional[int], token_dim: Optional[int]) -> bool:
         return (bool(heads) and bool(token_dim) and token_dim % heads == 0 and token_dim // heads == head_dim
@@ -791,7 +867,7 @@ def _device(gm: fx.GraphModule) -> torch.device:
 def _init_encoder(dims: PrefixDims, project: bool, init_weights: Optional[str],
                   device: torch.device) -> dict[str, torch.Tensor]:
     """PEFT's PrefixEncoder parameters, initialised as PEFT does (float32, like PEFT's prompt encoder)."""
-    n, width = dims.num_virtual_tokens, 2 * dims.num_layers * dims.token_dim
+    n, width = dims.num_virtual_tokens, dims.table_width
     if not project:
         table = nn.Embedding(n, width).weight.detach()
         if init_weights == "zero":

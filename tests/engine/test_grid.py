@@ -9,12 +9,7 @@ import pytest
 from tests.tool_scripts import tool_module
 
 # (architecture, method) -> why it fails today; the whole-grid test fails when a listed cell starts passing
-_PROMPTS = ("prompt", "p-tuning", "mpt")
-EXPECTED_FAILURES = {
-    **{("swin", m): "Swin's windowed attention: its window reshapes take the patch count, so virtual tokens "
-                    "break them (and its stages differ in head size for one prefix shape)"
-       for m in (*_PROMPTS, "prefix")},
-}
+EXPECTED_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
