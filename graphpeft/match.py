@@ -182,22 +182,27 @@ def _param_or_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Nod
     return (found[0], found[1]) if found is not None else None
 
 
+def leads_to(node: fx.Node, anchor: fx.Node) -> bool:
+    """``node`` is ``anchor``, or leads to it through ops read by one node each (a weight's transpose, view or
+    cast); a reader whose value nobody reads (torch.export's metadata assert) does not count."""
+    for _ in range(8):
+        if node is anchor:
+            return True
+        live = [u for u in node.users if u.users or u is anchor]
+        if len(live) != 1:
+            return False
+        node = live[0]
+    return False
+
+
 def weight_reader(site: "Site") -> fx.Node:
     """The node that reads ``site``'s weight on the way to its op: the op itself, or the first of the transposes,
     views and casts between them (where a rule that patches the weight, W -> W + delta, puts the patched value)."""
-    if site.weight in site.node.all_input_nodes:
-        return site.node
-    for user in site.weight.users:
-        node = user
-        for _ in range(8):
-            if node is site.node:
-                return user
-            live = [u for u in node.users if u.users or u is site.node]     # not a metadata assert
-            if len(live) != 1:
-                break
-            node = live[0]
-    raise GraphPeftError(f"{site.module_path}: its weight {site.weight_name} reaches the "
-                         f"{site.node.target} op through values that other ops read too; it cannot be patched there")
+    reader = next((u for u in site.weight.users if leads_to(u, site.node)), None)
+    if reader is None:
+        raise GraphPeftError(f"{site.module_path}: its weight {site.weight_name} reaches the {site.node.target} op "
+                             f"through values that other ops read too; it cannot be patched there")
+    return reader
 
 
 def _param_through(gm: fx.GraphModule, node: object) -> Optional[tuple[fx.Node, torch.nn.Parameter, bool]]:

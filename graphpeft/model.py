@@ -28,6 +28,7 @@ from torch import nn
 from graphpeft import losses, registry
 from graphpeft.capture import CAPTURE_META, CaptureInfo, capture_info, is_hf_model, retarget_device, set_train_mode
 from graphpeft.errors import GraphPeftError
+from graphpeft.match import leads_to
 from graphpeft.result import Rewrite
 from graphpeft.rewriter import EXTRA_INPUT_CHECKS, EXTRA_INPUTS, copy_graph, ensure_module, get_attr_path, own_module
 
@@ -590,30 +591,17 @@ def _set_weight(gm: fx.GraphModule, attr: str, value: torch.Tensor, anchor: Opti
     users = {u for n in readers for u in n.users}
     param = nn.Parameter(value.clone(), requires_grad=False)
     owner_path, _, leaf = attr.rpartition(".")
-    if anchor is None or all(_reaches(u, anchor) for u in users):
+    if anchor is None or all(leads_to(u, anchor) for u in users):
         setattr(own_module(gm, owner_path), leaf, param)
         return
     # the weight is shared (tied embeddings): only this site reads the merged copy
     new_attr = f"{owner_path}.{leaf}_merged_{anchor.name}" if owner_path else f"{leaf}_merged_{anchor.name}"
     ensure_module(gm, owner_path).register_parameter(new_attr.rpartition(".")[2], param)
-    old = next(n for n in readers if any(_reaches(u, anchor) for u in n.users))
-    user = next(u for u in old.users if _reaches(u, anchor))      # the anchor, or a transpose/cast on its way
+    old = next(n for n in readers if any(leads_to(u, anchor) for u in n.users))
+    user = next(u for u in old.users if leads_to(u, anchor))      # the anchor, or a transpose/cast on its way
     with gm.graph.inserting_before(user):
         node = gm.graph.get_attr(new_attr)
     user.replace_input_with(old, node)
-
-
-def _reaches(node: fx.Node, anchor: fx.Node) -> bool:
-    """``node`` is ``anchor``, or leads to it through single-user ops (a weight's transpose or cast); a user
-    whose value nobody reads (torch.export's metadata assert) does not count."""
-    for _ in range(8):
-        if node is anchor:
-            return True
-        users = [u for u in node.users if u.users or u is anchor]
-        if len(users) != 1:
-            return False
-        node = users[0]
-    return False
 
 
 _PRESENTED: dict[tuple, type] = {}

@@ -340,21 +340,21 @@ def _torchao_requantized(weight: torch.Tensor) -> nn.Linear:
 
 
 @contextlib.contextmanager
-def dequantized_weights(gm: fx.GraphModule, attrs: Iterable[str]) -> Iterator[set[str]]:
+def dequantized_weights(gm: fx.GraphModule, attrs: Iterable[str]) -> Iterator[None]:
     """While the block runs, each quantized weight among ``attrs`` reads as its float32 weight (a rule's merge
-    computes W + s B A on it); yields the attributes so replaced. ``gm`` is restored afterwards."""
+    computes W + s B A on it). ``gm`` is restored afterwards."""
     readers = quantized_readers(gm)
-    saved: list[tuple[str, dict, str, Any]] = []
+    saved: list[tuple[dict, str, Any]] = []
     try:
         for attr in dict.fromkeys(a for a in attrs if a in readers):
             owner_path, _, leaf = attr.rpartition(".")
             owner = gm.get_submodule(owner_path)
             store = owner._parameters if leaf in owner._parameters else owner._buffers
-            saved.append((attr, store, leaf, store[leaf]))
+            saved.append((store, leaf, store[leaf]))
             store[leaf] = nn.Parameter(dequantized(gm, readers[attr]), requires_grad=False)
-        yield {attr for attr, *_ in saved}
+        yield
     finally:
-        for _, store, leaf, old in reversed(saved):
+        for store, leaf, old in reversed(saved):
             store[leaf] = old
 
 

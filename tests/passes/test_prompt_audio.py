@@ -22,7 +22,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 import graphpeft
 from graphpeft.errors import GraphPeftError
-from graphpeft.rewriter import get_attr_path
+from tests.prompt_methods import PROMPT_METHODS, prompt_config, prompts, task_inputs
 from tests import grid_models as G
 
 V = 3
@@ -46,32 +46,19 @@ MODELS = {
     "wav2vec2-ctc-stable": lambda: _build(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, do_stable_layer_norm=True,
                                           feat_extract_norm="layer", pad_token_id=0),
 }
-METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+METHODS = PROMPT_METHODS
 
 
 def _config(method, **kw):
-    if method == "prompt_tuning":
-        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
-    if method == "p_tuning":
-        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
-    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+    return prompt_config(method, V, **kw)
 
 
 def _extra(method):
-    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+    return task_inputs(method, TASKS)
 
 
 def _prompts(ours, method, batch):
-    """[B, V, H] prompts from the rewritten model's own parameters (PEFT's formulas)."""
-    gm = ours.graph_module
-    if method == "prompt_tuning":
-        return get_attr_path(gm, "prompt_encoder.default.embedding.weight")[:V].expand(batch, -1, -1)
-    if method == "p_tuning":
-        return get_attr_path(gm, "prompt_encoder.default")()[:V].expand(batch, -1, -1)
-    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
-    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
-    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
-    return (table * (cols[TASKS] @ rows[TASKS]))[:, :V]
+    return prompts(ours, method, batch, V, TASKS)
 
 
 def _inputs(masked):

@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import graphpeft
 from graphpeft.passes.prefix_tuning import prompt_embeddings
-from graphpeft.rewriter import get_attr_path
+from tests.prompt_methods import PROMPT_METHODS, prompt_config, prompts, task_inputs
 from tests.models import inputs_for, tiny_vit
 
 V = 3
@@ -103,33 +103,20 @@ def test_prefix_trains_saves_and_reloads(vit, tmp_path):
 
 # -- Visual Prompt Tuning: virtual tokens after the class token ------------------------------------------
 
-METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+METHODS = PROMPT_METHODS
 TASKS = torch.tensor([1, 0, 1])
 
 
 def _config(method, **kw):
-    if method == "prompt_tuning":
-        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
-    if method == "p_tuning":
-        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
-    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+    return prompt_config(method, V, **kw)
 
 
 def _extra(method):
-    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+    return task_inputs(method, TASKS)
 
 
 def _prompts(ours, method, batch):
-    """The [B, V, H] prompts, from the rewritten model's own parameters (PEFT's formulas)."""
-    gm = ours.graph_module
-    if method == "prompt_tuning":
-        return get_attr_path(gm, "prompt_encoder.default.embedding.weight").expand(batch, -1, -1)
-    if method == "p_tuning":
-        return get_attr_path(gm, "prompt_encoder.default")().expand(batch, -1, -1)
-    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
-    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
-    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
-    return table * (cols[TASKS] @ rows[TASKS])
+    return prompts(ours, method, batch, V, TASKS)
 
 
 def _vpt_oracle(model, pixels, prompts):

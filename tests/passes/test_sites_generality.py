@@ -29,6 +29,7 @@ import graphpeft
 from graphpeft.match import attention_sites
 from graphpeft.passes.prefix_tuning import prompt_embeddings
 from graphpeft.rewriter import get_attr_path
+from tests.prompt_methods import PROMPT_METHODS, prompt_config, prompts, task_inputs
 
 V = 3
 ATOL = 1e-5
@@ -59,35 +60,22 @@ VISION = {
     "siglip-vision": (lambda: _build(tf.SiglipVisionConfig, tf.SiglipVisionModel, **_DIMS, image_size=16,
                                      patch_size=4), 0),
 }
-METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+METHODS = PROMPT_METHODS
 TASKS = torch.tensor([1, 0])
 
 
 def _config(method, **kw):
-    if method == "prompt_tuning":
-        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
-    if method == "p_tuning":
-        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
-    if method == "multitask_prompt_tuning":
-        return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+    if method in PROMPT_METHODS:
+        return prompt_config(method, V, **kw)
     return graphpeft.PrefixTuningConfig(num_virtual_tokens=V, **kw)
 
 
 def _extra(method):
-    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+    return task_inputs(method, TASKS)
 
 
 def _prompts(ours, method, batch):
-    """[B, V, H] prompts from the rewritten model's own parameters (PEFT's formulas; the first V rows)."""
-    gm = ours.graph_module
-    if method == "prompt_tuning":
-        return get_attr_path(gm, "prompt_encoder.default.embedding.weight")[:V].expand(batch, -1, -1)
-    if method == "p_tuning":
-        return get_attr_path(gm, "prompt_encoder.default")()[:V].expand(batch, -1, -1)
-    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
-    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
-    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
-    return (table * (cols[TASKS] @ rows[TASKS]))[:, :V]
+    return prompts(ours, method, batch, V, TASKS)
 
 
 def _outputs(out):

@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import graphpeft
 from graphpeft.passes.prefix_tuning import prompt_embeddings
-from graphpeft.rewriter import get_attr_path
+from tests.prompt_methods import PROMPT_METHODS, prompt_config, prompts, task_inputs
 from tests.grid_models import tiny_swin
 from tests.models import inputs_for
 
@@ -153,33 +153,20 @@ def test_one_prefix_size_on_mixed_widths_is_a_one_line_error(swin, field, value)
 
 # -- Visual Prompt Tuning on Swin: prompts beside the windows --------------------------------------------------
 
-VPT_METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
+VPT_METHODS = PROMPT_METHODS
 TASKS = torch.tensor([1, 0, 1])
 
 
 def vpt_config(method, **kw):
-    if method == "prompt_tuning":
-        return graphpeft.PromptTuningConfig(num_virtual_tokens=V, **kw)
-    if method == "p_tuning":
-        return graphpeft.PromptEncoderConfig(num_virtual_tokens=V, **kw)
-    return graphpeft.MultitaskPromptTuningConfig(num_virtual_tokens=V, num_tasks=2, num_ranks=2, **kw)
+    return prompt_config(method, V, **kw)
 
 
 def vpt_extra(method):
-    return {"task_ids": TASKS} if method == "multitask_prompt_tuning" else {}
+    return task_inputs(method, TASKS)
 
 
 def vpt_prompts(ours, method, batch):
-    """The [B, V, C] prompts, from the rewritten model's own parameters (PEFT's formulas)."""
-    gm = ours.graph_module
-    if method == "prompt_tuning":
-        return get_attr_path(gm, "prompt_encoder.default.embedding.weight").expand(batch, -1, -1)
-    if method == "p_tuning":
-        return get_attr_path(gm, "prompt_encoder.default")().expand(batch, -1, -1)
-    table = get_attr_path(gm, "prompt_encoder.default.embedding.weight")
-    cols = get_attr_path(gm, "prompt_encoder.default.prefix_task_cols")
-    rows = get_attr_path(gm, "prompt_encoder.default.prefix_task_rows")
-    return table * (cols[TASKS] @ rows[TASKS])
+    return prompts(ours, method, batch, V, TASKS)
 
 
 def vpt_step_save_reload(ours, gm, pixels, labels, extra, tmp_path):
