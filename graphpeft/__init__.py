@@ -7,18 +7,17 @@
     model.save_pretrained("out")            # loads into peft.PeftModel.from_pretrained too
 """
 
-from graphpeft.api import from_pretrained, rewrite
-from graphpeft.capture import capture, set_train_mode, synthesize_inputs
-from graphpeft.errors import AdapterFormatError, CaptureError, GraphPeftError, NoMatchError
-from graphpeft.model import CapturedModel, GraphPeftModel
-from graphpeft.meta import materialize, save_config
-from graphpeft.optimize import merge_for_inference
-from graphpeft.passes import AdaLoraConfig, IA3Config, LoraConfig
-from graphpeft.passes import PromptTuningConfig
-from graphpeft.passes import PromptEncoderConfig
-from graphpeft.passes import MultitaskPromptTuningConfig
-from graphpeft.passes import PrefixTuningConfig
-from graphpeft.result import PassResult, Rewrite
+# the rules first: importing them fills the engine's registry (they import only the engine)
+from graphpeft.passes import (AdaLoraConfig, IA3Config, LoraConfig, MultitaskPromptTuningConfig, PrefixTuningConfig,
+                              PromptEncoderConfig, PromptTuningConfig)
+
+from graphpeft.engine.capture import capture, set_train_mode, synthesize_inputs
+from graphpeft.engine.errors import AdapterFormatError, CaptureError, GraphPeftError, NoMatchError
+from graphpeft.engine.result import PassResult, Rewrite
+from graphpeft.runtime.api import from_pretrained, rewrite
+from graphpeft.runtime.inference import merge_for_inference
+from graphpeft.runtime.meta import materialize, save_config
+from graphpeft.runtime.model import CapturedModel, GraphPeftModel
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from graphpeft.cli import main
+from graphpeft.cli.commands import main
 
 sys.exit(main())

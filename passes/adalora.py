@@ -37,13 +37,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.config import TargetingConfig
-from graphpeft.errors import GraphPeftError
-from graphpeft.match import LINEAR_KINDS, Site, attention_input_projections, select_sites
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter, get_attr_path
-from graphpeft.rule import Rule, RulePass
+from graphpeft.engine.config import TargetingConfig
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.match import LINEAR_KINDS, Site, attention_input_projections, select_sites
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter, get_attr_path
+from graphpeft.engine.rule import Rule, RulePass
 
 aten = torch.ops.aten
 RULE = "adalora"
@@ -566,7 +566,7 @@ def save_as_lora(model: Any, directory: Union[str, Path], adapter_name: Optional
     """Write ``shrink_to_lora(model)`` as a PEFT LoRA adapter folder (adapter_config.json + safetensors)."""
     from safetensors.torch import save_file
 
-    from graphpeft.outputs import atomic_write
+    from graphpeft.runtime.outputs import atomic_write
 
     config, tensors = shrink_to_lora(model, adapter_name)
     out = Path(directory)

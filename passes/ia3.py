@@ -36,13 +36,13 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from graphpeft.config import TargetingConfig
-from graphpeft.errors import GraphPeftError
-from graphpeft.match import LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, find_sites, select_sites
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter, get_attr_path
-from graphpeft.rule import Rule, RulePass
+from graphpeft.engine.config import TargetingConfig
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.match import LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, find_sites, select_sites
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter, get_attr_path
+from graphpeft.engine.rule import Rule, RulePass
 
 aten = torch.ops.aten
 SITE_KINDS = LINEAR_KINDS + ("conv",)

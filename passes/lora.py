@@ -40,13 +40,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.errors import GraphPeftError
-from graphpeft.match import (LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites,
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.match import (LINEAR_KINDS, PARAM_KINDS, Site, attention_input_projections, select_sites,
                              weight_reader)
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter, get_attr_path
-from graphpeft.rule import Rule, RulePass
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter, get_attr_path
+from graphpeft.engine.rule import Rule, RulePass
 from graphpeft.passes.lora_config import LoraConfig
 from graphpeft.passes.lora_dora import bias_correction, combine, initial_magnitude, merged_rows, norm_scale, scaled_b
 from graphpeft.passes.lora_init import converted_config, converted_state, decompose, is_decomposing

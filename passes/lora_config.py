@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from graphpeft.config import TargetingConfig
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.config import TargetingConfig
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.passes.lora_init import is_decomposing
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.rewriter import Rewriter
+from graphpeft.engine.rewriter import Rewriter
 
 aten = torch.ops.aten
 

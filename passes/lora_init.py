@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import torch
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 
 DECOMPOSING = re.compile(r"^(pissa(_niter_\d+)?|olora)$")
 

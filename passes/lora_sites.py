@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.match import CONV_OPS, Site
-from graphpeft.rewriter import get_attr_path
+from graphpeft.engine.match import CONV_OPS, Site
+from graphpeft.engine.rewriter import get_attr_path
 
 
 def has_attr(root: nn.Module, path: str) -> bool:

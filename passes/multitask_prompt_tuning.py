@@ -45,13 +45,13 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.config import PromptLearningConfig
-from graphpeft.errors import GraphPeftError, NoMatchError
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import MODEL_HALF, Rewriter
-from graphpeft.rule import RulePass
-from graphpeft.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, initial_table,
+from graphpeft.engine.config import PromptLearningConfig
+from graphpeft.engine.errors import GraphPeftError, NoMatchError
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import MODEL_HALF, Rewriter
+from graphpeft.engine.rule import RulePass
+from graphpeft.engine.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, initial_table,
                                       model_dims, replace_leading_rows, token_lookup)
 
 aten = torch.ops.aten

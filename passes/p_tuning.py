@@ -37,13 +37,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.config import PromptLearningConfig
-from graphpeft.errors import GraphPeftError
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter, get_attr_path
-from graphpeft.rule import RulePass
-from graphpeft.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, model_dims,
+from graphpeft.engine.config import PromptLearningConfig
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter, get_attr_path
+from graphpeft.engine.rule import RulePass
+from graphpeft.engine.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, model_dims,
                                       replace_leading_rows)
 
 aten = torch.ops.aten

@@ -73,15 +73,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.capture import capture_info
-from graphpeft.config import AdapterConfig
-from graphpeft.errors import GraphPeftError, NoMatchError
-from graphpeft.match import AttentionSite, attention_sites, module_stack_entry
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter, get_attr_path, was_rewritten
-from graphpeft.rule import Rule, RulePass
-from graphpeft.sequence import placeholder, sequence_inputs
+from graphpeft.engine.capture import capture_info
+from graphpeft.engine.config import AdapterConfig
+from graphpeft.engine.errors import GraphPeftError, NoMatchError
+from graphpeft.engine.match import AttentionSite, attention_sites, module_stack_entry
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter, get_attr_path, was_rewritten
+from graphpeft.engine.rule import Rule, RulePass
+from graphpeft.engine.sequence import placeholder, sequence_inputs
 
 aten = torch.ops.aten
 _INT_MAX = 9223372036854775807
@@ -497,7 +497,7 @@ def _sequence_dim(main: fx.Node) -> Any:
     if isinstance(val.shape[1], int):
         raise GraphPeftError(f"prefix_tuning: {main.target} was captured with a fixed sequence length "
                              f"({val.shape[1]}); capture with a dynamic sequence dimension "
-                             f"(graphpeft.capture's default)")
+                             f"(graphpeft.engine.capture's default)")
     return val.shape[1]
 
 

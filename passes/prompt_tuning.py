@@ -12,7 +12,7 @@ LM's logits have V+L positions; its labels are padded with V times -100 in front
 
 The site is the token-embedding lookup of ``input_ids`` (the output of the embedding module, so
 BART's scale inside it applies to the real tokens only). For encoder-decoders only the encoder
-sequence gets the prompt. See ``graphpeft.virtual_tokens``:
+sequence gets the prompt. See ``graphpeft.engine.virtual_tokens``:
 
 before:                                    after:
     input_ids ─ embedding(W) ─ h ─ ...         input_ids ─ cat(0…) ─ embedding(W) ─ h ─ slice(V:) ─┐
@@ -35,13 +35,13 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from graphpeft.config import PromptLearningConfig
-from graphpeft.errors import GraphPeftError
-from graphpeft.registry import register_method, register_rule
-from graphpeft.result import Rewrite
-from graphpeft.rewriter import Rewriter
-from graphpeft.rule import RulePass
-from graphpeft.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, initial_table,
+from graphpeft.engine.config import PromptLearningConfig
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.registry import register_method, register_rule
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter
+from graphpeft.engine.rule import RulePass
+from graphpeft.engine.virtual_tokens import (TokenLookup, TokenLookupRule, extend_sequence, fill_unset, initial_table,
                                       model_dims, replace_leading_rows)
 
 aten = torch.ops.aten

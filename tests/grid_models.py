@@ -145,7 +145,7 @@ HEADS = {"bert_token": tiny_bert_token, "bert_qa": tiny_bert_qa, "bert_choice": 
 
 
 def head_kind(model: nn.Module) -> str:
-    from graphpeft.losses import head_kind as kind
+    from graphpeft.engine.losses import head_kind as kind
 
     return kind(type(model).__name__, getattr(model, "loss_type", None),
                 bool(getattr(model.config, "is_encoder_decoder", False)))

@@ -4,7 +4,7 @@ the [B, V, H] prompts each computes from a rewritten model's own parameters (PEF
 from __future__ import annotations
 
 import graphpeft
-from graphpeft.rewriter import get_attr_path
+from graphpeft.engine.rewriter import get_attr_path
 
 PROMPT_METHODS = ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"]
 

@@ -31,7 +31,7 @@ neighbour slows all of them alike):
     it (PEFT: the model's gradient_checkpointing_enable; graphpeft: the graph cut at its layers, each
     layer recomputed in the backward pass; both non-reentrant).
 (h) QLoRA (Llama workload, needs the quant extra): LoRA q,v on the float base and on the same base quantized
-    to NF4 (bitsandbytes 4-bit, graphpeft.quantized.quantize_model), PEFT and graphpeft: step time and peak
+    to NF4 (bitsandbytes 4-bit, graphpeft.engine.quantized.quantize_model), PEFT and graphpeft: step time and peak
     memory (held tensors, the packed weights included, plus the step's allocations).
 
 Prints tables of times and ratios and the issue's targets (met or missed); writes everything to JSON.
@@ -67,7 +67,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import graphpeft  # noqa: E402
-from graphpeft import hub  # noqa: E402
+from graphpeft.runtime import hub  # noqa: E402
 
 MiB = 2 ** 20
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -525,7 +525,7 @@ def generation_times(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
 
 def _decode_steps(peft_model: Any, ids: torch.Tensor, reps: int) -> dict[str, float]:
     """One decode step at a cache of the prompt's length: graphpeft's unmerged step graph, the merged model's."""
-    from graphpeft.generation import _graphs, _run_graph
+    from graphpeft.runtime.generation import _graphs, _run_graph
 
     merged = peft_model.merge_and_unload().eval()
     graphs = _graphs(peft_model)
@@ -599,7 +599,7 @@ def qlora(w: Workload, r: int, alpha: int, reps: int, warmup: int) -> dict[str, 
     """LoRA q,v on the float base and on its NF4 copy, PEFT and graphpeft: step time and peak memory."""
     import peft
 
-    from graphpeft.quantized import quantize_model
+    from graphpeft.engine.quantized import quantize_model
 
     nf4 = quantize_model(copy.deepcopy(w.model), "nf4")
     models: dict[str, torch.nn.Module] = {}

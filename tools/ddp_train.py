@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import graphpeft  # noqa: E402
-from graphpeft.io import adapter_state  # noqa: E402
+from graphpeft.runtime.io import adapter_state  # noqa: E402
 
 
 def snapshot(model: graphpeft.GraphPeftModel, prefix: str) -> dict[str, torch.Tensor]:

@@ -30,9 +30,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import graphpeft  # noqa: E402
-from graphpeft import cli, hub, outputs  # noqa: E402
-from graphpeft.data import Collator, make_loader, read_jsonl  # noqa: E402
-from graphpeft.train import evaluate, train  # noqa: E402
+from graphpeft.cli import commands as cli  # noqa: E402
+from graphpeft.cli.train import evaluate, train  # noqa: E402
+from graphpeft.runtime import hub, outputs
+from graphpeft.runtime.data import Collator, make_loader, read_jsonl  # noqa: E402
 
 SEED = 0
 MIN_GAIN = 0.15   # "clearly beats": held-out accuracy must rise by at least this much

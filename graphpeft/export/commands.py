@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from graphpeft import progress
-from graphpeft.errors import GraphPeftError
-from graphpeft.outputs import check_output, staged_output, write_json
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.runtime import progress
+from graphpeft.runtime.outputs import check_output, staged_output, write_json
 
 INFERENCE_DIR, TRAINING_DIR = "onnx", "onnx-training"
 TOKENIZER_DIR = "tokenizer"
@@ -47,8 +47,8 @@ def load_adapter_folder(folder: str, model_name: Optional[str], trainable: bool,
                         trust_remote_code: bool = False) -> tuple[Any, str, Any]:
     """(GraphPeftModel with the folder's adapter, base model name, tokenizer or None)."""
     import graphpeft
-    from graphpeft import hub
-    from graphpeft.io import read_adapter
+    from graphpeft.runtime import hub
+    from graphpeft.runtime.io import read_adapter
 
     path = Path(folder).expanduser()
     config, _ = read_adapter(path)                           # one-line errors for a bad folder
@@ -146,7 +146,7 @@ def _human(size: int) -> str:
 
 
 def run_edge_train(args: argparse.Namespace) -> int:
-    from graphpeft.data import SEQ_CLS, make_loader, read_jsonl
+    from graphpeft.runtime.data import SEQ_CLS, make_loader, read_jsonl
     from graphpeft.export.edge import EdgeTrainer, read_manifest
     from graphpeft.export.extra import require
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.export.extra import require
 from graphpeft.export.training import FORMAT_VERSION, MANIFEST
 
@@ -129,7 +129,7 @@ class EdgeTrainer:
               progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None) -> EdgeHistory:
         """``epochs`` passes over ``batches`` (re-iterated each epoch), learning rate decayed linearly to 0."""
         from onnxruntime.training.api import LinearLRScheduler
-        from graphpeft import progress as _progress
+        from graphpeft.runtime import progress as _progress
 
         if not isinstance(epochs, int) or epochs <= 0:
             raise GraphPeftError(f"epochs must be a positive integer, got {epochs!r}")

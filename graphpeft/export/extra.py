@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 
 INSTALL_HINT = "pip install 'graphpeft[onnx]'"
 # module to import -> package that provides it

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import torch.fx as fx
 
-from graphpeft import registry
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine import registry
+from graphpeft.engine.errors import GraphPeftError
 
 HOOK = "export_form"
 
@@ -73,10 +73,10 @@ def export_form(model: Any, adapter_name: Optional[str] = None) -> ExportForm:
 def rebuild(model: Any, adapter: str, config_dict: dict[str, Any], tensors: dict) -> Any:
     """A GraphPeftModel over ``model``'s base graph and base weights (shared, not copied) with one adapter,
     ``adapter``, of ``config_dict`` (PEFT's adapter_config.json), holding ``tensors`` (PEFT's keys)."""
-    from graphpeft.api import rewrite
-    from graphpeft.capture import CAPTURE_META, capture_info
-    from graphpeft.io import load_adapter_state
-    from graphpeft.rewriter import copy_graph, get_attr_path
+    from graphpeft.runtime.api import rewrite
+    from graphpeft.engine.capture import CAPTURE_META, capture_info
+    from graphpeft.runtime.io import load_adapter_state
+    from graphpeft.engine.rewriter import copy_graph, get_attr_path
 
     gm = model.graph_module
     trainable = any(get_attr_path(gm, p).requires_grad

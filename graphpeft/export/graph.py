@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.export import fixes
 
 WRAPPED = "model"                      # attribute of GraphCall holding the model

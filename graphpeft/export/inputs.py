@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 
 BATCH, SEQ = 2, 8
 CAUSAL_LM, SEQ_CLS = "causal-lm", "seq-cls"

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import torch
 
-from graphpeft import registry
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine import registry
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.export.extra import require
 
 TWO_GB = 2 ** 31

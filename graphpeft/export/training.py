@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.export.extra import require
 from graphpeft.export.onnx import TWO_GB, save_onnx, train_mode, weight_bytes
 
@@ -70,7 +70,7 @@ class TrainingExport:
 
 def adapter_parameters(model: Any) -> list[str]:
     """Graph attribute names of the adapter's trainable parameters, from the Rewrite records."""
-    from graphpeft.rewriter import get_attr_path
+    from graphpeft.engine.rewriter import get_attr_path
 
     names: list[str] = []
     for rec in model.records:
@@ -83,7 +83,7 @@ def adapter_parameters(model: Any) -> list[str]:
 
 def _training_notes(model: Any) -> tuple[str, ...]:
     """What PyTorch training does that the edge does not: methods with a per-step update hook."""
-    from graphpeft import registry
+    from graphpeft.engine import registry
 
     notes = []
     for adapter, config in model.peft_config.items():
@@ -172,7 +172,7 @@ def export_training(model: Any, folder: str | os.PathLike, optimizer: str = "ada
     from graphpeft.export.graph import to_onnx
     from graphpeft.export.inputs import example_inputs as make_inputs
     from graphpeft.export.inputs import task_of
-    from graphpeft.io import save_adapter
+    from graphpeft.runtime.io import save_adapter
 
     if optimizer not in OPTIMIZERS:
         raise GraphPeftError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")

@@ -1,7 +1,7 @@
 """Bad input, in a table: every entry ends in one line that names the problem, never a traceback.
 
 Python API: a ``GraphPeftError`` (a ValueError) whose message is one line and contains the expected
-fragment. Command line (``graphpeft.cli.main``, in-process): exit code 2 and exactly one line on stderr,
+fragment. Command line (``graphpeft.cli.commands.main``, in-process): exit code 2 and exactly one line on stderr,
 ``graphpeft: error: ...`` with the expected fragment. Rows cover configs of every method, model ids and
 folders, adapter folders (missing files, wrong keys, shapes, dtypes, truncated, corrupt or pickled
 weights), output folders (present, a file, unwritable), data files with bad rows, and ONNX output
@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graphpeft
-from graphpeft import cli
-from graphpeft.errors import GraphPeftError
-from graphpeft.io import load_adapter_state, read_adapter
+from graphpeft.cli import commands as cli
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.runtime.io import load_adapter_state, read_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -342,11 +342,11 @@ REQUIRED = {"adalora": {"total_step": 10}, "prompt_tuning": {"num_virtual_tokens
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("method", sorted(graphpeft.registry.methods()))
+@pytest.mark.parametrize("method", sorted(graphpeft.engine.registry.methods()))
 def test_odd_field_values_never_crash_a_config(method):
     import dataclasses
 
-    m = graphpeft.registry.method(method)
+    m = graphpeft.engine.registry.method(method)
     refused = accepted = 0
     for f in dataclasses.fields(m.config_cls):
         for value in ODD_VALUES:

@@ -1,4 +1,4 @@
-"""graphpeft.capture: model (+ example inputs) -> GraphModule.
+"""graphpeft.engine.capture: model (+ example inputs) -> GraphModule.
 
 Hugging Face models get example inputs synthesized from their config, are exported with dynamic
 batch/sequence dims and must reproduce eager outputs on other shapes than the example. Dropout and
@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 import graphpeft
-from graphpeft.capture import capture_info
+from graphpeft.engine.capture import capture_info
 from tests.models import BUILDERS, MLP, inputs_for, tiny_bert_cls, tiny_llama, tiny_vit
 
 aten = torch.ops.aten
@@ -279,7 +279,7 @@ def test_moving_the_model_moves_the_device_constants_of_its_graphs():
 
     No GPU here: the meta device stands in for it (a cpu constant among meta tensors fails).
     """
-    from graphpeft.capture import retarget_device
+    from graphpeft.engine.capture import retarget_device
 
     peft_model = graphpeft.rewrite(tiny_llama(), graphpeft.LoraConfig(r=2))
     ids = torch.randint(0, 50, (2, 5))

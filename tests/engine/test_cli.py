@@ -1,6 +1,6 @@
 """The `graphpeft` command: rewrite / inspect on tiny saved models, option building, errors, atomic output.
 
-Most runs call ``graphpeft.cli.main([...])`` in-process (it returns the exit code); one runs the command
+Most runs call ``graphpeft.cli.commands.main([...])`` in-process (it returns the exit code); one runs the command
 in a subprocess, end to end.
 """
 
@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graphpeft
-from graphpeft import cli, registry
-from graphpeft.config import TargetingConfig
-from graphpeft.rule import RulePass
+from graphpeft.cli import commands as cli
+from graphpeft.engine import registry
+from graphpeft.engine.config import TargetingConfig
+from graphpeft.engine.rule import RulePass
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "rewrite.json"}
 
@@ -159,7 +160,7 @@ def test_a_failure_while_writing_leaves_the_old_output_and_no_temporary_folder(t
 # -- inspect --------------------------------------------------------------------------------------
 
 def test_inspect_lists_every_candidate_site_and_marks_the_methods_choice(tiny_bert_dir, capsys):
-    from graphpeft.match import find_sites
+    from graphpeft.engine.match import find_sites
 
     sites = find_sites(graphpeft.capture(_bert(tiny_bert_dir)))
     code, stdout, err = run(capsys, "inspect", tiny_bert_dir)
@@ -298,7 +299,7 @@ def test_an_unexpected_error_is_one_line_exit_1_with_a_traceback_only_in_debug_m
     def broken(*args, **kwargs):
         raise RuntimeError("something deep\nbroke")
 
-    monkeypatch.setattr(graphpeft.hub, "load_model", broken)
+    monkeypatch.setattr(graphpeft.runtime.hub, "load_model", broken)
     code, _, err = run(capsys, "inspect", tiny_bert_dir)
     assert_one_line_error(code, err, expected_code=1)
     assert "RuntimeError: something deep broke" in err and "GRAPHPEFT_DEBUG=1" in err
@@ -359,7 +360,7 @@ def test_methods_lists_every_registered_method_with_its_options(capsys, toy_meth
 
 
 def test_inspect_json_is_the_only_thing_on_stdout_and_holds_the_sites(tiny_bert_dir, capsys):
-    from graphpeft.match import find_sites
+    from graphpeft.engine.match import find_sites
 
     code, stdout, err = run(capsys, "inspect", tiny_bert_dir, "--json", "--targets", "query")
     assert code == 0, err
@@ -458,7 +459,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_is_drawn_on_a_terminal_stderr_only_and_never_when_silenced(monkeypatch):
-    from graphpeft import progress
+    from graphpeft.runtime import progress
 
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)

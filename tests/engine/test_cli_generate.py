@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import graphpeft
-from graphpeft import cli
+from graphpeft.cli import commands as cli
 
 PROMPTS = ["the cat sat on", "hello world"]
 

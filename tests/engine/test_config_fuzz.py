@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphpeft import registry
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine import registry
+from graphpeft.engine.errors import GraphPeftError
 
 METHODS = sorted(registry.methods())
 

@@ -124,7 +124,7 @@ def test_gradients_were_averaged(trained, single_process):
 
 
 def test_rank0_saved_the_trained_adapter(trained):
-    from graphpeft.io import read_adapter
+    from graphpeft.runtime.io import read_adapter
 
     config, tensors = read_adapter(trained[1] / "adapter")
     assert config["peft_type"] == "LORA"

@@ -19,7 +19,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests.models import tiny_gpt2, tiny_llama, tiny_qwen2
 
 ATOL = 1e-4

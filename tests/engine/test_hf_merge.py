@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests.models import inputs_for, tiny_bart, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5

@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 
 import graphpeft
-from graphpeft.hoist import HOISTED, hoist_parameter_ops
-from graphpeft.rewriter import get_attr_path
+from graphpeft.engine.rewriter import get_attr_path
+from graphpeft.runtime.hoist import HOISTED, hoist_parameter_ops
 from tests.models import tiny_llama
 
 aten = torch.ops.aten
@@ -90,7 +90,7 @@ def test_base_weights_and_random_ops_are_never_hoisted():
 
 
 def test_flattened_reads_are_the_same_objects_and_outputs():
-    from graphpeft.hoist import FLAT, flatten_attribute_reads
+    from graphpeft.runtime.hoist import FLAT, flatten_attribute_reads
 
     model = _rewritten_llama()
     gm = copy.deepcopy(model.graph_module)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import graphpeft
-from graphpeft.errors import AdapterFormatError
+from graphpeft.engine.errors import AdapterFormatError
 
 
 @pytest.fixture(scope="module")

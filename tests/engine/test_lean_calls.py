@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 import graphpeft
-from graphpeft.lean_calls import _BINDINGS, lean_calls
+from graphpeft.runtime.lean_calls import _BINDINGS, lean_calls
 from tests.models import VOCAB, tiny_llama
 
 aten = torch.ops.aten

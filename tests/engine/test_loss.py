@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests import grid_models as G
 from tests.models import tiny_bart, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit, tiny_whisper
 
@@ -153,12 +153,12 @@ def test_wrong_or_missing_targets_are_one_line_errors():
     ("Wav2Vec2ForCTC", "ctc"), ("HubertForCTC", "ctc"),
 ])
 def test_head_kind_comes_from_transformers_auto_mappings(model_class, kind):
-    from graphpeft.losses import head_kind
+    from graphpeft.engine.losses import head_kind
     assert head_kind(model_class, None) == kind
 
 
 def test_a_class_no_mapping_names_falls_back_on_its_loss_type():
-    from graphpeft.losses import head_kind
+    from graphpeft.engine.losses import head_kind
     assert head_kind("MyOwnForCausalLM", "ForCausalLM") == "causal"
     assert head_kind("MyOwnSeq2Seq", "ForConditionalGeneration", is_encoder_decoder=True) == "seq2seq"
     assert head_kind("MyOwnModel", None) is None

@@ -1,4 +1,4 @@
-"""graphpeft.match: site selection with PEFT's target_modules semantics, checked against PEFT itself.
+"""graphpeft.engine.match: site selection with PEFT's target_modules semantics, checked against PEFT itself.
 
 The oracle is ``peft.get_peft_model``: for the same LoraConfig fields, the trainable parameters
 (name -> shape) of PEFT's model and of graphpeft's rewritten graph must be the same, and so must
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import graphpeft
-from graphpeft.match import LINEAR_KINDS, attention_sites, find_sites, select_sites
-from graphpeft.rewriter import get_attr_path
+from graphpeft.engine.match import LINEAR_KINDS, attention_sites, find_sites, select_sites
+from graphpeft.engine.rewriter import get_attr_path
 from tests.models import BUILDERS, EinsumModel, inputs_for
 
 peft = pytest.importorskip("peft", reason="PEFT is the test oracle (pip install peft)")
@@ -147,7 +147,7 @@ def test_output_heads_are_found_in_the_graph_without_a_task_type():
     decoder classifier uses to pick the last non-pad position)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from graphpeft.match import output_heads
+    from graphpeft.engine.match import output_heads
 
     llama_cls = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
                                                            num_hidden_layers=1, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""Rewriting without weights (graphpeft.meta): capture and rewrite a model built on the meta device, save the
+"""Rewriting without weights (graphpeft.runtime.meta): capture and rewrite a model built on the meta device, save the
 resolved adapter config, then materialize the graph from safetensors files and compare with an eager rewrite."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import graphpeft
-from graphpeft import cli
-from graphpeft.errors import GraphPeftError
-from graphpeft.meta import meta_model
+from graphpeft.cli import commands as cli
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.runtime.meta import meta_model
 from tests.models import inputs_for, tiny_bert_cls, tiny_llama
 
 TOL = dict(atol=1e-6, rtol=1e-5)

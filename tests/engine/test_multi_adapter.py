@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests.models import inputs_for, tiny_llama
 
 ATOL = 1e-5

@@ -26,9 +26,9 @@ import pytest
 import torch
 
 import graphpeft
-import graphpeft.io as gio
-from graphpeft import cli
-from graphpeft.errors import AdapterFormatError, GraphPeftError
+from graphpeft.cli import commands as cli
+from graphpeft.engine.errors import AdapterFormatError, GraphPeftError
+import graphpeft.runtime.io as gio
 from tests.models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def _lora(r: int = 8):
 _KILLED_SAVE = r"""
 import hashlib, sys, time
 import torch, graphpeft
-import graphpeft.io as gio
+import graphpeft.runtime.io as gio
 from tests.models import tiny_llama
 out = sys.argv[1]
 torch.manual_seed(0)
@@ -160,7 +160,7 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 def test_every_method_is_covered():
-    assert set(METHOD_ARGS) == set(graphpeft.registry.methods())
+    assert set(METHOD_ARGS) == set(graphpeft.engine.registry.methods())
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_ARGS))
@@ -312,7 +312,7 @@ def test_trust_remote_code_reaches_from_pretrained_only_when_asked(command, flag
 def test_hub_loaders_default_to_no_remote_code(llama_dir, monkeypatch):
     import transformers
 
-    from graphpeft import hub
+    from graphpeft.runtime import hub
 
     config_spy = _Spy()
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config_spy)

@@ -1,4 +1,4 @@
-"""Graph optimisations (graphpeft.optimize): each keeps the outputs (to float rounding) and the gradient of
+"""Graph optimisations (graphpeft.runtime.optimize): each keeps the outputs (to float rounding) and the gradient of
 every adapter parameter, on several architectures, and leaves saving, disabling and merging as they were."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
-from graphpeft.match import STAMP
-from graphpeft.optimize import (InferenceModel, drop_identity_dropout, fold_scaling, fuse_shared_input,
-                                merge_for_inference, optimize_graph)
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.match import STAMP
+from graphpeft.runtime.inference import InferenceModel, merge_for_inference
+from graphpeft.runtime.optimize import drop_identity_dropout, fold_scaling, fuse_shared_input, optimize_graph
 from tests.models import EinsumModel, inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_vit
 
 aten = torch.ops.aten

@@ -13,10 +13,10 @@ from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_base import PassResult as FxPassResult
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
-from graphpeft.match import STAMP
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.engine.match import STAMP
+from graphpeft.engine.rewriter import get_attr_path
 from graphpeft.passes import LoraConfig, LoraPass
-from graphpeft.rewriter import get_attr_path
 from tests.models import MLP, EinsumModel, inputs_for, tiny_llama
 
 

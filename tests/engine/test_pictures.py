@@ -15,8 +15,8 @@ from collections import Counter
 import pytest
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
-from graphpeft.pictures import write_report_html
+from graphpeft.cli.pictures import write_report_html
+from graphpeft.engine.errors import GraphPeftError
 from tests.models import tiny_bert_cls, tiny_llama
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -21,9 +21,9 @@ import peft  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig  # noqa: E402
 
 import graphpeft  # noqa: E402
-from graphpeft.errors import GraphPeftError  # noqa: E402
-from graphpeft.quantized import load_quantized  # noqa: E402
-from graphpeft.rewriter import get_attr_path  # noqa: E402
+from graphpeft.engine.errors import GraphPeftError  # noqa: E402
+from graphpeft.engine.quantized import load_quantized  # noqa: E402
+from graphpeft.engine.rewriter import get_attr_path  # noqa: E402
 from tests.models import VOCAB, tiny_bert_cls, tiny_llama  # noqa: E402
 
 ATOL = 1e-4
@@ -282,7 +282,7 @@ def test_missing_library_names_the_extra(monkeypatch, llama_dir):
 # -- the command line: --quantize -------------------------------------------------------------------
 
 def _cli(capsys, *argv):
-    from graphpeft import cli
+    from graphpeft.cli import commands as cli
 
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -294,7 +294,7 @@ def _cli_inputs():
 
 
 def test_cli_rewrite_quantize_nf4_writes_an_adapter_peft_loads_on_the_same_base(tiny_llama_dir, tmp_path, capsys):
-    from graphpeft.quantized import quantize_model
+    from graphpeft.engine.quantized import quantize_model
 
     out = tmp_path / "out"
     code, stdout, err = _cli(capsys, "rewrite", tiny_llama_dir, "-o", out, "--targets", "q_proj", "v_proj",
@@ -361,7 +361,7 @@ def test_plain_module_traced_without_example_inputs(kind):
     """torch.fx's symbolic trace (no example inputs) swaps the quantized layers as torch.export does."""
     import copy
 
-    from graphpeft.quantized import quantize_model
+    from graphpeft.engine.quantized import quantize_model
     from tests.models import MLP
 
     base = quantize_model(MLP(dim=64, hidden=64, out=64), kind)

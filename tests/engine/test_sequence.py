@@ -1,10 +1,10 @@
-"""graphpeft.sequence: positions prepended at the graph entry reach every shape the model derives."""
+"""graphpeft.engine.sequence: positions prepended at the graph entry reach every shape the model derives."""
 
 import pytest
 import torch
 
 import graphpeft
-from graphpeft.sequence import prepend_positions, sequence_inputs
+from graphpeft.engine.sequence import prepend_positions, sequence_inputs
 from tests.models import tiny_bart, tiny_bert_cls, tiny_llama
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import graphpeft
-from graphpeft import cli
-from graphpeft.data import CAUSAL_LM, SEQ_CLS, Collator, make_loader, read_jsonl
-from graphpeft.errors import GraphPeftError
-from graphpeft.train import History, evaluate, train
+from graphpeft.cli import commands as cli
+from graphpeft.cli.train import History, evaluate, train
+from graphpeft.engine.errors import GraphPeftError
+from graphpeft.runtime.data import CAUSAL_LM, SEQ_CLS, Collator, make_loader, read_jsonl
 
 POSITIVE = ["a good film", "good food and good staff", "a great and good day", "good, really good",
             "the hotel was good", "good music, great night", "what a good book", "good and kind service"]
@@ -37,7 +37,7 @@ def classification_rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from graphpeft import hub
+    from graphpeft.runtime import hub
 
     return hub.load_tokenizer(None)     # the embedded MiniLM tokenizer, the one the tiny model folders carry
 
@@ -211,7 +211,7 @@ def test_cli_trains_a_classifier_and_saves_an_adapter_that_loads(tiny_bert_dir, 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     loaded = graphpeft.from_pretrained(base, str(out))
     data_set = read_jsonl(data)
-    from graphpeft import hub
+    from graphpeft.runtime import hub
 
     loader = make_loader(data_set, hub.load_tokenizer(str(tiny_bert_dir)), shuffle=False)
     assert evaluate(loaded, loader)["accuracy"] >= 0.9          # the saved adapter carries what was learnt

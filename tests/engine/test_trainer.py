@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils.generic import find_labels
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests.models import VOCAB, tiny_bert_cls, tiny_llama
 
 ATOL = 1e-5
@@ -230,7 +230,7 @@ def test_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients():
     plain_bytes, plain_grads = run()
     model.gradient_checkpointing_enable()
     ckpt_bytes, ckpt_grads = run()
-    from graphpeft.checkpointing import count_checkpointed
+    from graphpeft.runtime.checkpointing import count_checkpointed
 
     assert count_checkpointed(model._running_module()) == 4
     assert ckpt_bytes < plain_bytes / 2
@@ -242,7 +242,7 @@ def test_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients():
 
 def test_gradient_checkpointing_options():
     model = graphpeft.rewrite(tiny_llama(num_hidden_layers=4), graphpeft.LoraConfig(r=2)).train()
-    from graphpeft.checkpointing import count_checkpointed
+    from graphpeft.runtime.checkpointing import count_checkpointed
 
     model.activation_checkpointing_enable(every_n_layers=2)
     assert count_checkpointed(model._running_module()) == 2

@@ -1,7 +1,7 @@
 """TRL's trainers on a GraphPeftModel, with the same trainers on a PEFT model as the oracle.
 
 SFTTrainer computes the loss with its fused LM head: ``model.base_model(...)`` for the last hidden
-states and ``model.get_output_embeddings()`` for the head (graphpeft.backbone gives both).
+states and ``model.get_output_embeddings()`` for the head (graphpeft.runtime.backbone gives both).
 DPOTrainer's reference for a PEFT model is a frozen copy of its adapter (the base model when the adapter
 is new); for any other model it loads the reference from ``model.config._name_or_path`` or takes
 ``ref_model=``: both are tested, the reference given as a frozen GraphPeftModel.

@@ -25,9 +25,9 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import graphpeft  # noqa: E402
-from graphpeft import cli  # noqa: E402
+from graphpeft.cli import commands as cli  # noqa: E402
+from graphpeft.engine.rewriter import get_attr_path  # noqa: E402
 from graphpeft.export import EdgeTrainer, NoGradientError, export_form, export_onnx, export_training  # noqa: E402
-from graphpeft.rewriter import get_attr_path  # noqa: E402
 from tests.models import inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama  # noqa: E402
 
 STEPS = 10
@@ -175,7 +175,7 @@ def test_inference_logits_match_pytorch_on_other_shapes(case, request):
 
 def test_real_minilm_base_model_exports_every_output(tmp_path):
     """The real all-MiniLM-L6-v2 (BertModel, no head): last_hidden_state and pooler_output, on tokenized text."""
-    from graphpeft import hub
+    from graphpeft.runtime import hub
 
     torch.manual_seed(0)
     model = graphpeft.rewrite(hub.load_model(None), graphpeft.LoraConfig(init_lora_weights=False)).eval()
@@ -274,8 +274,8 @@ def test_parity_bert_seq_cls_adamw_and_the_edge_adapter_loads_into_peft(bert, tm
 
 def test_parity_real_minilm_sentiment_adamw(tmp_path):
     """The real all-MiniLM-L6-v2 (22M parameters) on the shipped sentiment data, LoRA's default sites."""
-    from graphpeft import hub
-    from graphpeft.data import make_loader, read_jsonl
+    from graphpeft.runtime import hub
+    from graphpeft.runtime.data import make_loader, read_jsonl
     from graphpeft.datasets import __file__ as datasets_init
 
     base = _no_dropout(hub.load_model(None, task="seq-cls", num_labels=2))
@@ -318,7 +318,7 @@ OTHER_METHODS = {
 
 @pytest.mark.parametrize("name", sorted(OTHER_METHODS))
 def test_parity_other_methods_on_llama(name, tmp_path):
-    from graphpeft import registry
+    from graphpeft.engine import registry
 
     if name not in registry.methods():
         pytest.skip(f"the {name} pass is not registered in this checkout")
@@ -401,8 +401,8 @@ def test_adalora_is_exported_for_training_as_plain_lora_of_its_allocated_ranks(t
 
 
 def test_merged_export_refuses_token_adapters(tmp_path):
-    from graphpeft import registry
-    from graphpeft.errors import GraphPeftError
+    from graphpeft.engine import registry
+    from graphpeft.engine.errors import GraphPeftError
 
     if "prompt_tuning" not in registry.methods():
         pytest.skip("the prompt_tuning pass is not registered in this checkout")

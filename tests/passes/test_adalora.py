@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import graphpeft
-from graphpeft import cli
-from graphpeft.errors import GraphPeftError
+from graphpeft.cli import commands as cli
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.passes.adalora import save_as_lora, shrink_to_lora
 from tests.models import tiny_bert_cls, tiny_llama
 
@@ -231,8 +231,8 @@ def test_the_training_loop_allocates_and_its_bar_shows_the_budget(monkeypatch):
     is rich's business and timing-dependent.)"""
     import contextlib
 
-    from graphpeft import progress
-    from graphpeft.train import train
+    from graphpeft.runtime import progress
+    from graphpeft.cli.train import train
 
     shown: list[dict] = []
 

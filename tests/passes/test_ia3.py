@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import graphpeft
-from graphpeft import cli
-from graphpeft.errors import GraphPeftError
+from graphpeft.cli import commands as cli
+from graphpeft.engine.errors import GraphPeftError
 from graphpeft.passes import IA3Pass
 from tests.models import (inputs_for, tiny_bart, tiny_bert_cls, tiny_distilbert, tiny_gpt2, tiny_llama, tiny_vit,
                           tiny_whisper)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests.models import inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
@@ -110,7 +110,7 @@ def test_dora_matches_peft_both_ways_and_merges(arch, tmp_path):
     torch.testing.assert_close(merged(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
     pm_merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "g").merge_and_unload()
     torch.testing.assert_close(merged(**batch).logits, pm_merged(**batch).logits, atol=ATOL, rtol=0)
-    from graphpeft.optimize import merge_for_inference
+    from graphpeft.runtime.inference import merge_for_inference
 
     torch.testing.assert_close(merge_for_inference(gm)(**batch).logits, gm(**batch).logits, atol=ATOL, rtol=0)
     assert gm.get_nb_trainable_parameters() == peft.get_peft_model(
@@ -384,7 +384,7 @@ def test_expert_parameters_training_steps_follow_peft(mixtral, tmp_path):
 
 
 def test_an_eager_experts_loop_is_a_capture_error_that_names_the_fix():
-    from graphpeft.errors import CaptureError
+    from graphpeft.engine.errors import CaptureError
     from tests.models import tiny_mixtral
 
     with pytest.raises(CaptureError, match="experts_implementation='batched_mm'"):
@@ -404,7 +404,7 @@ def test_expert_parameters_refuse_what_peft_refuses(mixtral, fields, match):
 # -- the command line and PEFT's adapter_config.json --------------------------------------------------
 
 def test_variant_options_from_the_command_line():
-    from graphpeft import cli
+    from graphpeft.cli import commands as cli
 
     args, method = cli.parse_args(["rewrite", "--use-dora", "--init", "pissa_niter_4", "--target-parameters",
                                    "experts.gate_up_proj", "experts.down_proj"])
@@ -421,7 +421,7 @@ def test_variant_options_from_the_command_line():
 def test_rewrite_command_writes_variant_adapters_that_peft_loads(tiny_bert_dir, tmp_path, capsys, flags, key):
     from transformers import AutoModelForSequenceClassification
 
-    from graphpeft import cli
+    from graphpeft.cli import commands as cli
 
     out = tmp_path / "out"
     code = cli.main(["rewrite", str(tiny_bert_dir), "-o", str(out), "--targets", "query", "value", "--r", "4", *flags])
@@ -438,7 +438,7 @@ def test_rewrite_command_writes_variant_adapters_that_peft_loads(tiny_bert_dir, 
 
 
 def test_a_peft_config_with_variants_reads_and_loftq_is_a_one_line_refusal(tiny_bert_dir, tmp_path, capsys):
-    from graphpeft import cli
+    from graphpeft.cli import commands as cli
 
     peft.LoraConfig(r=4, target_modules=["query"], use_dora=True, init_lora_weights="pissa",
                     task_type="SEQ_CLS").save_pretrained(str(tmp_path / "cfg"))

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graphpeft
-from graphpeft import cli
+from graphpeft.cli import commands as cli
 from tests.models import inputs_for, tiny_bert_cls, tiny_distilbert, tiny_llama, tiny_t5
 
 ATOL = 1e-5
@@ -161,7 +161,7 @@ def test_distilbert_where_peft_fails():
 
 
 def test_training_moves_only_the_prompt_factors_and_the_loss_falls(captured):
-    from graphpeft.train import train
+    from graphpeft.cli.train import train
 
     model, gm = captured("llama")
     torch.manual_seed(0)

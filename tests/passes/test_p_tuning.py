@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import graphpeft
-from graphpeft import cli
+from graphpeft.cli import commands as cli
 from tests.models import TinySdpaLM, inputs_for, tiny_bert_cls, tiny_distilbert, tiny_gpt2, tiny_llama, tiny_t5
 
 ATOL = 1e-5

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import DynamicCache
 
 import graphpeft
-from graphpeft import cli
-from graphpeft.capture import CAPTURE_META
-from graphpeft.errors import GraphPeftError, NoMatchError
+from graphpeft.cli import commands as cli
+from graphpeft.engine.capture import CAPTURE_META
+from graphpeft.engine.errors import GraphPeftError, NoMatchError
 from graphpeft.passes import PrefixTuningPass
 from tests.grid_models import tiny_bloom, tiny_deberta_v2
 from tests.models import MLP, TinySdpaLM, inputs_for, tiny_bart, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta_cls

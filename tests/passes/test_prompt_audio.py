@@ -1,5 +1,5 @@
 """Prompt tuning, P-tuning and multitask prompt tuning on raw-audio encoders (wav2vec2, HuBERT, Data2VecAudio),
-whose virtual tokens go in front of the frames that enter the first transformer layer (graphpeft.frame_sequence).
+whose virtual tokens go in front of the frames that enter the first transformer layer (graphpeft.engine.frame_sequence).
 
 PEFT refuses these models, so the oracle is the mathematics, run by the model's own code: the base model with
 hooks that (1) put the same prompts in front of the hidden state entering its first layer, (2) give every
@@ -21,7 +21,7 @@ import transformers as tf
 from transformers.masking_utils import create_bidirectional_mask
 
 import graphpeft
-from graphpeft.errors import GraphPeftError
+from graphpeft.engine.errors import GraphPeftError
 from tests.prompt_methods import PROMPT_METHODS, prompt_config, prompts, task_inputs
 from tests import grid_models as G
 

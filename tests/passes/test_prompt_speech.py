@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import graphpeft
-from graphpeft.rewriter import get_attr_path
+from graphpeft.engine.rewriter import get_attr_path
 from tests.models import inputs_for, tiny_whisper
 
 V = 3

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import graphpeft
-from graphpeft import cli
+from graphpeft.cli import commands as cli
 from graphpeft.passes import PromptTuningPass
 from tests.models import (MLP, TinySdpaLM, inputs_for, tiny_bart, tiny_bert_cls, tiny_distilbert, tiny_gpt2,
                           tiny_llama)
@@ -175,7 +175,7 @@ def test_custom_sdpa_model_without_past_key_values():
 
 
 def test_training_moves_only_the_prompt_and_the_loss_falls(captured):
-    from graphpeft.train import train
+    from graphpeft.cli.train import train
 
     model, gm = captured("llama")
     torch.manual_seed(0)

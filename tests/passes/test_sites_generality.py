@@ -26,9 +26,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import graphpeft
-from graphpeft.match import attention_sites
+from graphpeft.engine.match import attention_sites
+from graphpeft.engine.rewriter import get_attr_path
 from graphpeft.passes.prefix_tuning import prompt_embeddings
-from graphpeft.rewriter import get_attr_path
 from tests.prompt_methods import PROMPT_METHODS, prompt_config, prompts, task_inputs
 
 V = 3

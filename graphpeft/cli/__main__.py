@@ -1,0 +1,7 @@
+"""python -m graphpeft.cli: the command line."""
+
+import sys
+
+from graphpeft.cli.commands import main
+
+sys.exit(main())
