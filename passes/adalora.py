@@ -6,7 +6,7 @@ E [r, 1], left vectors B [out, r], s = lora_alpha and the buffer-like ``ranknum`
     y = W x + b   ->   y = W x + b + ((dropout(x) (A * E)^T) B^T) * s / (ranknum + 1e-5)
 
 Training prunes triplets (A_i, E_i, B_i) by zeroing E_i; the schedule and scores are PEFT's
-RankAllocator (see ``RankAllocator`` below). Conv2d sites (groups 1) add ``conv2d(dropout(x), ΔW)``
+RankAllocator (passes/adalora_allocator.py, reached through the pass's ``update_and_allocate`` hook). Conv2d sites (groups 1) add ``conv2d(dropout(x), ΔW)``
 with ΔW = (B (A * E) * s / (ranknum + 1e-5)).reshape(W.shape), as PEFT's SVDConv2d.
 
 before:                  after (linear; GPT-2's addmm and mm alike):
@@ -19,150 +19,33 @@ the frozen ``ranknum``); the file keys are PEFT's: ``base_model.model.<path>.lor
 triplets; a pruned adapter is saved pruned and rewritten at its allocated ranks, as PEFT loads one.
 
 ``shrink_to_lora(model)`` turns an allocated adapter into plain LoRA (peft_type LORA) of the kept
-ranks, with the same outputs; ``save_as_lora(model, folder)`` writes it in PEFT's format, and ONNX
-export uses it (the ``export_form`` hook of ``AdaLoraPass``).
+ranks, with the same outputs; it is the ``export_form`` hook of ``AdaLoraPass``, which ONNX export and
+``graphpeft.runtime.svd_to_lora.save_as_lora(model, folder)`` (PEFT's files) use. The config is in
+passes/adalora_config.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from graphpeft.engine.config import TargetingConfig
 from graphpeft.engine.errors import GraphPeftError
 from graphpeft.engine.match import LINEAR_KINDS, Site, attention_input_projections, select_sites
 from graphpeft.engine.registry import register_method, register_rule
 from graphpeft.engine.result import Rewrite
 from graphpeft.engine.rewriter import Rewriter, get_attr_path
 from graphpeft.engine.rule import Rule, RulePass
+from graphpeft.passes.adalora_allocator import progress, triplets, update_and_allocate
+from graphpeft.passes.adalora_config import RULE, AdaLoraConfig, kept_rows, rank_mask
 
 aten = torch.ops.aten
-RULE = "adalora"
 SITE_KINDS = LINEAR_KINDS + ("conv",)
 RANKNUM_EPS = 1e-5          # PEFT divides by ranknum + 1e-5
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-@dataclass
-class AdaLoraConfig(TargetingConfig):
-    """PEFT's AdaLoraConfig fields and defaults (LoRA's targeting fields plus the budget schedule)."""
-
-    peft_type = "ADALORA"
-    unsupported_fields = ("use_dora", "lora_bias", "layer_replication", "loftq_config", "eva_config",
-                          "corda_config", "trainable_token_indices", "alora_invocation_tokens",
-                          "arrow_config", "kasa_config", "velora_config", "monteclora_config")
-
-    target_r: int = field(default=8, metadata={"cli": "--target-r", "help": "average rank left after allocation"})
-    init_r: int = field(default=12, metadata={"cli": "--init-r", "help": "rank of every site before allocation"})
-    tinit: int = field(default=0, metadata={"cli": "--tinit", "help": "warm-up steps before pruning"})
-    tfinal: int = field(default=0, metadata={"cli": "--tfinal", "help": "final steps with the ranks fixed"})
-    deltaT: int = field(default=1, metadata={"cli": "--delta-t", "help": "steps between two allocations"})
-    beta1: float = field(default=0.85, metadata={"cli": "--beta1", "help": "EMA factor of the sensitivity"})
-    beta2: float = field(default=0.85, metadata={"cli": "--beta2", "help": "EMA factor of the uncertainty"})
-    orth_reg_weight: float = field(default=0.5, metadata={"cli": "--orth-reg-weight",
-                                                          "help": "weight of the orthogonality loss"})
-    total_step: Optional[int] = field(default=None, metadata={
-        "cli": "--total-step", "help": "number of training steps, required ('train' counts them when not given)"})
-    rank_pattern: Optional[dict] = None
-    r: int = 8                                  # PEFT's LoRA field; not used by AdaLoRA (init_r is)
-    lora_alpha: float = field(default=8, metadata={"cli": "--alpha", "help": "scaling numerator (alpha / ranknum)"})
-    lora_dropout: float = field(default=0.0, metadata={"cli": "--dropout", "help": "dropout on the adapter input"})
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    init_lora_weights: Union[bool, str] = True
-    alpha_pattern: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.total_step is None or not _is_int(self.total_step, 1):
-            raise GraphPeftError(f"AdaLoRA needs total_step, the number of training steps (an integer > 0), got "
-                                 f"{self.total_step!r}; set total_step (--total-step)")
-        for name, low in (("init_r", 1), ("target_r", 1), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
-            if not _is_int(getattr(self, name), low):
-                raise GraphPeftError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-        if self.target_r > self.init_r:
-            raise GraphPeftError(f"target_r={self.target_r} is larger than init_r={self.init_r}: the allocator only "
-                                 f"prunes ranks; choose target_r <= init_r")
-        if self.tinit >= self.total_step - self.tfinal:
-            raise GraphPeftError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
-                                 f"total_step={self.total_step} steps (PEFT needs tinit < total_step - tfinal); "
-                                 f"decrease tinit/tfinal or increase total_step")
-        for name in ("beta1", "beta2"):
-            if not 0.0 < float(getattr(self, name)) < 1.0:
-                raise GraphPeftError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
-        if float(self.orth_reg_weight) < 0:
-            raise GraphPeftError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise GraphPeftError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise GraphPeftError(f"bias={self.bias!r} is not supported yet; use bias='none'")
-        if self.use_rslora or self.alpha_pattern:
-            raise GraphPeftError("AdaLoRA scales every site by lora_alpha / ranknum; use_rslora and alpha_pattern "
-                                 "have no effect (PEFT ignores them): remove them")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise GraphPeftError("layers_to_transform cannot be used when target_modules is a regex string")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise GraphPeftError("layers_pattern needs layers_to_transform too")
-        for key, mask in (self.rank_pattern or {}).items():
-            if not isinstance(mask, list) or any(not isinstance(v, (bool, int)) for v in mask):
-                raise GraphPeftError(f"rank_pattern[{key!r}] must be a list of booleans (the kept triplets), "
-                                     f"got {mask!r}")
-        if self.r != 8:
-            warnings.warn("r is not used by AdaLoRA and is ignored; set the initial rank with init_r", stacklevel=3)
-
-    def for_loading(self) -> "AdaLoraConfig":
-        return dataclasses.replace(self, init_lora_weights=False)    # the file's weights replace the init
-
-    def to_dict(self) -> dict[str, Any]:
-        """As PEFT saves it: rank_pattern keys without the adapter name (``<path>.lora_E``)."""
-        data = super().to_dict()
-        if self.rank_pattern:
-            data["rank_pattern"] = {_file_key(k): [bool(v) for v in mask] for k, mask in self.rank_pattern.items()}
-        return data
-
-    @property
-    def scaling(self) -> float:
-        """PEFT: ``lora_alpha if lora_alpha > 0 else r``, then divided by ranknum in the forward."""
-        return float(self.lora_alpha) if self.lora_alpha > 0 else float(self.init_r)
-
-
-def _file_key(key: str) -> str:
-    """``<path>.lora_E.<adapter>`` -> ``<path>.lora_E`` (PEFT strips the adapter name when it saves)."""
-    head, sep, _ = key.rpartition(".lora_E")
-    return head + sep if sep else key
-
-
-def _rank_mask(config: AdaLoraConfig, path: str, adapter: str) -> Optional[list[bool]]:
-    pattern = config.rank_pattern or {}
-    for key in (f"{path}.lora_E.{adapter}", f"{path}.lora_E"):
-        if key in pattern:
-            return [bool(v) for v in pattern[key]]
-    return None
-
-
-def _kept_rows(mask: Optional[list[bool]], rows: int) -> Optional[list[bool]]:
-    """Row selector of a site's tensors by its rank_pattern mask; None keeps every row.
-
-    A site rewritten at its allocated rank (loaded pruned) already holds only the kept rows.
-    """
-    if mask is None or rows == sum(mask):
-        return None
-    if rows == len(mask):
-        return mask
-    raise GraphPeftError(f"rank_pattern has {len(mask)} entries ({sum(mask)} kept) for a site of rank {rows}; "
-                         f"the adapter does not fit its config")
+__all__ = ["AdaLoraConfig", "AdaLoraPass", "AdaLoraRule", "shrink_to_lora"]
 
 
 # -- the rule -----------------------------------------------------------------------------------------
@@ -190,7 +73,7 @@ class AdaLoraRule(Rule):
     def rewrite(self, gm: fx.GraphModule, site: Site) -> Rewrite:
         cfg, adapter, path = self.config, self.adapter_name, site.module_path
         weight = get_attr_path(gm, site.weight_name)
-        mask = _rank_mask(cfg, path, adapter)
+        mask = rank_mask(cfg, path, adapter)
         r = sum(mask) if mask is not None else cfg.init_r
         ranknum = float(cfg.init_r) if r > 0 else 0.0    # PEFT keeps the old ranknum when it resizes on load
         fin = site.in_features * (math.prod(weight.shape[2:]) if site.kind == "conv" else 1)
@@ -267,148 +150,7 @@ def _conv_args(node: fx.Node) -> dict:
             for i, (n, d) in enumerate(zip(names, defaults))}
 
 
-# -- the sites of one adapter, as the allocator sees them --------------------------------------------
-
-@dataclass(frozen=True)
-class Triplet:
-    """One adapted module: attribute paths of its A, E, B and ranknum (shared when called twice)."""
-
-    path: str
-    a: str
-    e: str
-    b: str
-    ranknum: str
-    weight: str
-    kind: str
-    init_r: int
-
-    def tensors(self, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return get_attr_path(gm, self.a), get_attr_path(gm, self.e), get_attr_path(gm, self.b)
-
-
-def triplets(model: Any, adapter_name: str) -> list[Triplet]:
-    """The AdaLoRA sites of ``adapter_name`` in graph order, one per module (a module called twice is one)."""
-    seen, out = set(), []
-    for rec in model.records:
-        if rec.rule != RULE or rec.adapter != adapter_name or rec.info["lora_A_attr"] in seen:
-            continue
-        seen.add(rec.info["lora_A_attr"])
-        out.append(Triplet(rec.module_path, rec.info["lora_A_attr"], rec.info["lora_E_attr"], rec.info["lora_B_attr"],
-                           rec.info["ranknum_attr"], rec.info["weight"], rec.kind, int(rec.info["init_r"])))
-    return out
-
-
-# -- PEFT's RankAllocator ---------------------------------------------------------------------------------
-
-class RankAllocator:
-    """Importance-driven rank budget, PEFT's RankAllocator step for step.
-
-    For every entry p of A, E, B after backward():  I = |p * grad|,
-        sensitivity  Ī <- beta1 Ī + (1 - beta1) I,    uncertainty  Ū <- beta2 Ū + (1 - beta2) |I - Ī|,
-    element score Ī * Ū; triplet i scores  S_E[i] + mean_j S_A[i, j] + mean_j S_B[j, i].
-    Budget (total kept ranks) at step t: init_bgt until tinit, then the cubic
-        target_bgt + (init_bgt - target_bgt) (1 - (t - tinit) / (total_step - tfinal - tinit))^3,
-    every deltaT steps the triplets scoring at or below the (init_bgt - budget)-th score get E_i = 0;
-    at total_step - tfinal the mask is fixed (config.rank_pattern) and re-applied on every later step.
-    """
-
-    def __init__(self, model: Any, adapter_name: str, config: AdaLoraConfig):
-        self.adapter_name, self.config = adapter_name, config
-        self.sites = triplets(model, adapter_name)
-        gm = model.graph_module
-        self.init_bgt = sum(get_attr_path(gm, t.a).shape[0] for t in self.sites)
-        self.target_bgt = config.target_r * len(self.sites)
-        self.fixed = any(get_attr_path(gm, t.a).shape[0] != t.init_r for t in self.sites)   # loaded pruned
-        self.budget = self.init_bgt
-        self.reset_ipt()
-
-    def reset_ipt(self) -> None:
-        self.ipt: dict[str, torch.Tensor] = {}
-        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
-        self.exp_avg_unc: dict[str, torch.Tensor] = {}
-
-    def budget_schedule(self, step: int) -> tuple[int, bool]:
-        cfg = self.config
-        if step <= cfg.tinit:
-            return self.init_bgt, False
-        if step > cfg.total_step - cfg.tfinal:
-            return self.target_bgt, True
-        mul_coeff = 1 - (step - cfg.tinit) / (cfg.total_step - cfg.tfinal - cfg.tinit)
-        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff ** 3) + self.target_bgt)
-        return budget, step % cfg.deltaT == 0
-
-    def update_ipt(self, gm: fx.GraphModule) -> None:
-        beta1, beta2 = self.config.beta1, self.config.beta2
-        for site in self.sites:
-            for attr in (site.a, site.e, site.b):
-                p = get_attr_path(gm, attr)
-                if p.grad is None:
-                    raise GraphPeftError(f"{attr} has no gradient: call update_and_allocate(step) after "
-                                         f"loss.backward() and before zero_grad()")
-                if attr not in self.ipt:
-                    self.ipt[attr] = torch.zeros_like(p)
-                    self.exp_avg_ipt[attr] = torch.zeros_like(p)
-                    self.exp_avg_unc[attr] = torch.zeros_like(p)
-                with torch.no_grad():
-                    self.ipt[attr] = (p * p.grad).abs().detach()
-                    self.exp_avg_ipt[attr] = beta1 * self.exp_avg_ipt[attr] + (1 - beta1) * self.ipt[attr]
-                    self.exp_avg_unc[attr] = (beta2 * self.exp_avg_unc[attr]
-                                              + (1 - beta2) * (self.ipt[attr] - self.exp_avg_ipt[attr]).abs())
-
-    def _score(self, attr: str) -> torch.Tensor:
-        return self.exp_avg_ipt[attr] * self.exp_avg_unc[attr]
-
-    def mask_to_budget(self, gm: fx.GraphModule, budget: int) -> dict[str, list[bool]]:
-        scores = {}
-        for site in self.sites:
-            ipt_a = torch.mean(self._score(site.a), dim=1, keepdim=True)
-            ipt_b = torch.mean(self._score(site.b), dim=0, keepdim=False).view(-1, 1)
-            ipt_ab = torch.cat([ipt_a, ipt_b], dim=1).sum(dim=1, keepdim=False)
-            scores[site.e] = (self._score(site.e).view(-1) + ipt_ab.view(-1)).view(-1, 1)
-        k = self.init_bgt - budget
-        # PEFT calls kthvalue(k=0), which fails, while the budget has not dropped yet: then nothing is pruned
-        all_scores = torch.cat([s.view(-1) for s in scores.values()])
-        threshold = torch.kthvalue(all_scores, k=k)[0].item() if k > 0 else -math.inf
-        rank_pattern = {}
-        with torch.no_grad():
-            for site in self.sites:
-                pruned = scores[site.e] <= threshold
-                get_attr_path(gm, site.e).masked_fill_(pruned, 0.0)
-                rank_pattern[f"{site.path}.lora_E.{self.adapter_name}"] = (~pruned).view(-1).tolist()
-        return rank_pattern
-
-    def mask_using_rank_pattern(self, gm: fx.GraphModule) -> None:
-        """Zero the pruned singular values again (the optimizer moves them) from config.rank_pattern."""
-        with torch.no_grad():
-            for site in self.sites:
-                mask = _rank_mask(self.config, site.path, self.adapter_name)
-                if mask is None:
-                    continue
-                keep = torch.tensor(mask, dtype=torch.bool, device=get_attr_path(gm, site.e).device).unsqueeze(-1)
-                get_attr_path(gm, site.e).masked_fill_(~keep, 0.0)
-
-    def step(self, gm: fx.GraphModule, step: int) -> None:
-        """PEFT's AdaLoraModel.update_and_allocate(global_step)."""
-        cfg = self.config
-        end = cfg.total_step - cfg.tfinal
-        if step < end:
-            self.update_ipt(gm)
-            self.budget, mask_now = self.budget_schedule(step)
-            if mask_now:
-                cfg.rank_pattern = self.mask_to_budget(gm, self.budget)
-        elif step == end:
-            self.budget, _ = self.budget_schedule(step)
-            cfg.rank_pattern = self.mask_to_budget(gm, self.budget)
-            self.reset_ipt()
-        else:
-            self.budget = self.target_bgt
-            self.mask_using_rank_pattern(gm)
-
-
 # -- the pass, and the training-time hooks the engine calls ---------------------------------------------
-
-_STATE = "adalora"      # key in GraphPeftModel.method_state[adapter_name]
-
 
 class AdaLoraPass(RulePass):
     """torch.fx pass: ``AdaLoraPass(AdaLoraConfig(...))(graph_module) -> PassResult``.
@@ -417,29 +159,8 @@ class AdaLoraPass(RulePass):
     """
 
     rule_cls = AdaLoraRule
-
-    @staticmethod
-    def _allocator(model: Any, adapter_name: str, config: AdaLoraConfig) -> RankAllocator:
-        state = model.method_state.setdefault(adapter_name, {})
-        if _STATE not in state or state[_STATE].config is not config:
-            state[_STATE] = RankAllocator(model, adapter_name, config)
-        return state[_STATE]
-
-    @classmethod
-    def update_and_allocate(cls, model: Any, adapter_name: str, config: AdaLoraConfig, step: int) -> None:
-        """After backward() (and the optimizer step), before zero_grad(): update scores, prune to the budget."""
-        if config.inference_mode:
-            return
-        allocator = cls._allocator(model, adapter_name, config)
-        if not allocator.fixed:          # an adapter loaded pruned keeps its ranks
-            allocator.step(model.graph_module, int(step))
-
-    @classmethod
-    def progress(cls, model: Any, adapter_name: str, config: AdaLoraConfig) -> dict:
-        if config.inference_mode:
-            return {}
-        allocator = cls._allocator(model, adapter_name, config)
-        return {"budget": f"{allocator.budget}/{allocator.init_bgt}" if not allocator.fixed else "fixed"}
+    update_and_allocate = staticmethod(update_and_allocate)     # passes/adalora_allocator.py
+    progress = staticmethod(progress)
 
     @staticmethod
     def loss_term(model: Any, adapter_name: str, config: AdaLoraConfig) -> Optional[torch.Tensor]:
@@ -468,11 +189,11 @@ class AdaLoraPass(RulePass):
             return state
         state = dict(state)
         for site in triplets(model, adapter_name):
-            mask = _rank_mask(config, site.path, adapter_name)
+            mask = rank_mask(config, site.path, adapter_name)
             key = f"base_model.model.{site.path}"
             if mask is None or f"{key}.lora_E" not in state:
                 continue
-            rows = _kept_rows(mask, state[f"{key}.lora_E"].shape[0])
+            rows = kept_rows(mask, state[f"{key}.lora_E"].shape[0])
             if rows is None:
                 continue
             idx = torch.tensor(rows, dtype=torch.bool)
@@ -480,7 +201,6 @@ class AdaLoraPass(RulePass):
             state[f"{key}.lora_E"] = state[f"{key}.lora_E"][idx].contiguous()
             state[f"{key}.lora_B"] = state[f"{key}.lora_B"][:, idx].contiguous()
         return state
-
 
     @staticmethod
     def export_form(model: Any, adapter_name: str,
@@ -523,7 +243,7 @@ def shrink_to_lora(model: Any, adapter_name: Optional[str] = None) -> tuple[dict
     conv1d_only = True
     for site in triplets(model, name):
         a, e, b = (t.detach() for t in site.tensors(gm))
-        rows = _kept_rows(_rank_mask(config, site.path, name), a.shape[0])
+        rows = kept_rows(rank_mask(config, site.path, name), a.shape[0])
         if rows is not None:
             idx = torch.tensor(rows, dtype=torch.bool, device=a.device)
             a, e, b = a[idx], e[idx], b[:, idx]
@@ -560,21 +280,3 @@ def shrink_to_lora(model: Any, adapter_name: Optional[str] = None) -> tuple[dict
         "use_rslora": False, "init_lora_weights": True,
     }
     return lora, tensors
-
-
-def save_as_lora(model: Any, directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
-    """Write ``shrink_to_lora(model)`` as a PEFT LoRA adapter folder (adapter_config.json + safetensors)."""
-    from safetensors.torch import save_file
-
-    from graphpeft.runtime.outputs import atomic_write
-
-    config, tensors = shrink_to_lora(model, adapter_name)
-    out = Path(directory)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GraphPeftError(f"cannot create output folder {out}: {exc.strerror}; choose a writable path") from None
-    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out / "adapter_config.json",
-                 lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return out

@@ -16,7 +16,7 @@ Sites and their forms:
 
 Variants (PEFT's fields): ``lora_bias`` (B has a bias, scaled with the branch), ``use_dora`` (DoRA, see
 passes/lora_dora.py), ``init_lora_weights`` "pissa" / "pissa_niter_K" / "olora" (A and B from the base
-weight, which keeps the residual, see passes/lora_init.py).
+weight, which keeps the residual, see passes/lora_init.py). Merging: passes/lora_merge.py.
 
 before:                       after (linear):
     x ─ linear(W, b) ─ y          x ─ linear(W, b) ───────────────────┬─ add ─ y
@@ -33,7 +33,6 @@ Parameters live at PEFT's in-memory names (``<path>.lora_A.<adapter>.weight``,
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional
 
 import torch
@@ -48,9 +47,11 @@ from graphpeft.engine.result import Rewrite
 from graphpeft.engine.rewriter import Rewriter, get_attr_path
 from graphpeft.engine.rule import Rule, RulePass
 from graphpeft.passes.lora_config import LoraConfig
-from graphpeft.passes.lora_dora import bias_correction, combine, initial_magnitude, merged_rows, norm_scale, scaled_b
+from graphpeft.passes.lora_dora import bias_correction, combine, initial_magnitude, norm_scale, scaled_b
 from graphpeft.passes.lora_init import converted_config, converted_state, decompose, is_decomposing
-from graphpeft.passes.lora_sites import bias_attr, conv_args, fused_gate_up, has_attr, init_pair, wrapper_path
+from graphpeft.passes.lora_merge import merged_weights
+from graphpeft.passes.lora_sites import (bias_attr, bias_node, conv_args, fused_gate_up, fused_gate_up_patterns, has_attr,
+                                        init_pair, weight_node, wrapper_path)
 
 aten = torch.ops.aten
 SITE_KINDS = LINEAR_KINDS + PARAM_KINDS + ("embedding", "conv")
@@ -110,15 +111,7 @@ class LoraRule(Rule):
                          layout="in_out" if site.kind in ("addmm", "mm") else "out_in",
                          dora=bool(cfg.use_dora), lora_bias=bool(cfg.lora_bias), bias=bias, fused_gate_up=fused)
 
-    @classmethod
-    def saved_config(cls, data: dict, records: list[Rewrite]) -> dict:
-        """PEFT writes the doubled rank and alpha of a fused gate+up expert parameter as patterns."""
-        fused = [rec for rec in records if rec.info.get("fused_gate_up")]
-        if fused:
-            name = re.escape(str(fused[0].info["weight"]).rpartition(".")[2])
-            data = dict(data, rank_pattern={**(data.get("rank_pattern") or {}), rf".*\.{name}": fused[0].info["r"]},
-                        alpha_pattern={**(data.get("alpha_pattern") or {}), rf".*\.{name}": fused[0].info["lora_alpha"]})
-        return data
+    saved_config = staticmethod(fused_gate_up_patterns)    # passes/lora_sites.py
 
     # -- the four forms ---------------------------------------------------------------------------
     def _add_pair(self, rw: Rewriter, path: str, a: torch.Tensor, b: torch.Tensor) -> tuple[str, str]:
@@ -191,7 +184,7 @@ class LoraRule(Rule):
             out = rw.call(aten.add.Tensor, site.node, rw.call(aten._to_copy.default, h, dtype=act) if cast else h)
         else:
             w_now = get_attr_path(rw.gm, site.weight_name)
-            w = self._weight_node(rw, site)
+            w = weight_node(rw, site)
             dropped = None
             if self.config.lora_dropout:
                 dropped = rw.call(aten.mm.default, x, w) if in_out else rw.call(aten.linear.default, x, w)
@@ -206,7 +199,7 @@ class LoraRule(Rule):
         magnitude = self._magnitude(rw, site.module_path, initial_magnitude(rows_now, a_now, b_now, scale, shape))
         flat, mns = norm_scale(rw, rows, a_attr, b_attr, scale, magnitude, shape)
         b_scaled = scaled_b(rw, rw.get_param(b_attr), flat, scale, b_now.dim())
-        base_bias = self._base_bias(rw, site) if dropped is None else None
+        base_bias = bias_node(rw, site) if dropped is None else None
         correction = None if base_bias is None else bias_correction(rw, base_bias, flat)
         if second is aten.matmul.default:       # embedding: (A^T[ids]) B'^T
             branch = rw.call(second, h, rw.call(aten.t.default, b_scaled))
@@ -235,7 +228,7 @@ class LoraRule(Rule):
             h = rw.call(aten.mul.Tensor, rw.call(aten.matmul.default, h, b_t), scale)
             out = rw.call(aten.add.Tensor, node, h)
         else:      # rows of the transposed table [dim, num]: one norm per embedding dimension
-            rows = rw.call(aten.t.default, self._weight_node(rw, site))
+            rows = rw.call(aten.t.default, weight_node(rw, site))
             out = self._dora(rw, site, h, a_attr, b_attr, scale, rows, weight.T, (dim,), aten.matmul.default, None)
         rw.replace_uses(node, out)
 
@@ -256,7 +249,7 @@ class LoraRule(Rule):
             out = rw.call(aten.add.Tensor, site.node, rw.call(aten.mul.Tensor, h, scale))
         else:
             shape = (1, site.out_features) + (1,) * len(kernel)      # PEFT's magnitude shape for convolutions
-            w = self._weight_node(rw, site)
+            w = weight_node(rw, site)
             dropped = None
             if self.config.lora_dropout:
                 dropped = rw.call(conv, x, w, None, args["stride"], args["padding"], args["dilation"], args["groups"])
@@ -284,60 +277,7 @@ class LoraRule(Rule):
         patched = rw.call(aten.add.Tensor, site.weight, delta)
         rw.replace_input(reader, site.weight, patched)
 
-    # -- the base op's operands -------------------------------------------------------------------
-    @staticmethod
-    def _weight_node(rw: Rewriter, site: Site) -> fx.Node:
-        """The base weight as a graph value: the anchor's own operand (a call_module site has none: read it)."""
-        return site.weight if site.weight is not None else rw.get_param(site.weight_name)
-
-    @staticmethod
-    def _base_bias(rw: Rewriter, site: Site) -> Optional[fx.Node]:
-        attr = bias_attr(site)
-        if attr is None:
-            return None
-        node = site.node
-        if node.op == "call_module":
-            return rw.get_param(attr)
-        return node.args[0] if site.kind == "addmm" else node.args[2]
-
-    # -- merging ------------------------------------------------------------------------------------
-    @classmethod
-    def merged_weights(cls, gm: fx.GraphModule, record: Rewrite) -> dict[str, torch.Tensor]:
-        info = record.info
-        weight = get_attr_path(gm, info["weight"]).detach()
-        scale = float(info["scaling"])
-
-        def param(part: str) -> torch.Tensor:
-            key = next(k for k in record.params if f".{part}." in f"{k}." and not k.endswith(".bias"))
-            return get_attr_path(gm, key).detach()
-
-        if weight.dim() == 3 and record.kind in PARAM_KINDS:      # MoE experts [E, out, in]
-            a, b = param("lora_A"), param("lora_B")
-            e, out, fin = weight.shape
-            delta = torch.einsum("ore,eri->eoi", b.reshape(out, -1, e), a.reshape(e, -1, fin))
-            return {info["weight"]: (weight + scale * delta).to(weight.dtype)}
-        if record.kind == "embedding":
-            a, b = param("lora_embedding_A"), param("lora_embedding_B")
-            rows, delta = weight.T, b @ a                                   # [dim, num]
-        else:
-            a, b = param("lora_A"), param("lora_B")
-            r = a.shape[0]
-            delta = b.reshape(b.shape[0], r) @ a.reshape(r, -1)            # conv: B is 1x1, so this is exact
-            rows = weight.T if info["layout"] == "in_out" else weight.reshape(weight.shape[0], -1)
-        if info.get("dora"):
-            new_rows = merged_rows(rows, delta, scale, param("lora_magnitude_vector"))
-        else:
-            new_rows = rows + scale * delta
-        merged = new_rows.T if (record.kind == "embedding" or info["layout"] == "in_out") else new_rows.reshape(weight.shape)
-        out = {info["weight"]: merged.to(weight.dtype)}
-        if info.get("lora_bias"):
-            if info.get("bias") is None:
-                raise GraphPeftError(f"cannot merge lora_bias at {record.module_path}: its base layer has no bias "
-                                     f"(PEFT refuses it too); keep the adapter model as it is")
-            lora_b = next(get_attr_path(gm, k) for k in record.params if k.endswith(".bias")).detach()
-            base = get_attr_path(gm, info["bias"]).detach()
-            out[info["bias"]] = (base + scale * lora_b).to(base.dtype)
-        return out
+    merged_weights = staticmethod(merged_weights)        # passes/lora_merge.py
 
 
 class LoraPass(RulePass):

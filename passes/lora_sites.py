@@ -1,5 +1,6 @@
-"""Site helpers of the LoRA rule: the base op's bias and convolution arguments, PEFT's initial A and B, and
-PEFT's names for parameter sites (nested ParamWrappers, all-linear's fused MoE gate+up parameter).
+"""Site helpers of the LoRA rule: the base op's weight, bias and convolution arguments (as attribute paths
+and as graph values), PEFT's initial A and B, and PEFT's names for parameter sites (nested ParamWrappers,
+all-linear's fused MoE gate+up parameter).
 
 Part of the LoRA rule (passes/lora.py calls it); not a rule of its own.
 """
@@ -15,7 +16,8 @@ import torch.fx as fx
 from torch import nn
 
 from graphpeft.engine.match import CONV_OPS, Site
-from graphpeft.engine.rewriter import get_attr_path
+from graphpeft.engine.result import Rewrite
+from graphpeft.engine.rewriter import Rewriter, get_attr_path
 
 
 def has_attr(root: nn.Module, path: str) -> bool:
@@ -38,6 +40,22 @@ def bias_attr(site: Site) -> Optional[str]:
     return str(bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
 
 
+def weight_node(rw: Rewriter, site: Site) -> fx.Node:
+    """The base weight as a graph value: the anchor's own operand (a call_module site has none: read it)."""
+    return site.weight if site.weight is not None else rw.get_param(site.weight_name)
+
+
+def bias_node(rw: Rewriter, site: Site) -> Optional[fx.Node]:
+    """The base op's bias as a graph value (its operand, or the module's parameter read), or None."""
+    attr = bias_attr(site)
+    if attr is None:
+        return None
+    node = site.node
+    if node.op == "call_module":
+        return rw.get_param(attr)
+    return node.args[0] if site.kind == "addmm" else node.args[2]
+
+
 def conv_args(node: fx.Node) -> dict:
     """stride, padding, dilation, groups of an aten.convNd call, with aten's defaults."""
     dims = CONV_OPS[node.target]
@@ -52,6 +70,16 @@ def fused_gate_up(cfg: Any, site: Site, key: str) -> bool:
     all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
     patterned = any(re.match(rf"(.*\.)?({p})$", key) for p in {**cfg.rank_pattern, **cfg.alpha_pattern})
     return all_linear and site.kind == "experts" and key.endswith("gate_up_proj") and not patterned
+
+
+def fused_gate_up_patterns(data: dict, records: list[Rewrite]) -> dict:
+    """LoraRule.saved_config: PEFT writes the doubled rank and alpha of a fused gate+up expert parameter as patterns."""
+    fused = [rec for rec in records if rec.info.get("fused_gate_up")]
+    if fused:
+        name = re.escape(str(fused[0].info["weight"]).rpartition(".")[2])
+        data = dict(data, rank_pattern={**(data.get("rank_pattern") or {}), rf".*\.{name}": fused[0].info["r"]},
+                    alpha_pattern={**(data.get("alpha_pattern") or {}), rf".*\.{name}": fused[0].info["lora_alpha"]})
+    return data
 
 
 def wrapper_path(gm: fx.GraphModule, site: Site, cfg: Any) -> str:

@@ -15,7 +15,8 @@ from torch import nn
 import graphpeft
 from graphpeft.cli import commands as cli
 from graphpeft.engine.errors import GraphPeftError
-from graphpeft.passes.adalora import save_as_lora, shrink_to_lora
+from graphpeft.passes.adalora import shrink_to_lora
+from graphpeft.runtime.svd_to_lora import save_as_lora
 from tests.models import tiny_bert_cls, tiny_llama
 
 ATOL = 1e-5
