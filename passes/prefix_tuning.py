@@ -20,12 +20,12 @@ heads of size d, token_dim T = h * d:
              E ─ [linear ─ tanh ─ linear] ─ view ─ permute ─ P ─ select(row) ─ expand(B) ─ (P_k, P_v)
 
 The engine does the graph work with no cache API and no model code: V filler positions prepended to the
-sequence inputs, dropped at the outputs, first-token pooling shifted (graphpeft/filler_positions.py); the
+sequence inputs, dropped at the outputs, first-token pooling shifted (graphpeft/engine/filler_positions.py); the
 sites' heads, grouped-query repetition and 3-D [B*H, S, d] folds (BLOOM, DeBERTa-v2) read off the graph
-(graphpeft/attention_shapes.py); the fillers' keys and values replaced by the prefix at each site
-(graphpeft/kv_prepend.py); the table, its sizes and rows, one block per layer at its own width where the
+(graphpeft/engine/attention_shapes.py); the fillers' keys and values replaced by the prefix at each site
+(graphpeft/engine/kv_prepend.py); the table, its sizes and rows, one block per layer at its own width where the
 sites' widths differ (Swin's stages: table [V, 2 * sum_j T_j], prefix_projection refused), in
-graphpeft/past_key_values.py. A model with no token input (a vision transformer) gets no fillers: each
+graphpeft/engine/past_key_values.py. A model with no token input (a vision transformer) gets no fillers: each
 4-D site takes the prefix in front of its keys and values and its mask V attended columns; causal SDPA
 is refused there.
 

@@ -1,4 +1,4 @@
-"""GraphPeftModel.generate (graphpeft/generation.py): transformers' generate over graphs with a KV cache.
+"""GraphPeftModel.generate (graphpeft/runtime/generation.py): transformers' generate over graphs with a KV cache.
 
 The oracle (issue 12): greedy decoding by full forward passes, no cache, of the same adapter loaded
 in PEFT. Each step feeds the whole sequence with the attention mask and the position ids that

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 import graphpeft
-from tests.engine.test_trainer import start_adapter
+from tests.runtime.test_trainer import start_adapter
 from tests.models import sentences, tiny_llama, tiny_tokenizer
 
 ATOL = 1e-5

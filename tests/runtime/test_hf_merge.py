@@ -1,4 +1,4 @@
-"""merge_and_unload() into the model's own transformers class (graphpeft/hf_merge.py).
+"""merge_and_unload() into the model's own transformers class (graphpeft/runtime/hf_merge.py).
 
 The merged model is an instance of the source class, computes the adapted outputs, survives
 save_pretrained -> from_pretrained, and leaves the user's model and the GraphPeftModel unchanged.

@@ -1,4 +1,4 @@
-"""graphpeft generate / graphpeft merge (graphpeft/cli_generate.py), on a tiny llama saved with a real tokenizer."""
+"""graphpeft generate / graphpeft merge (graphpeft/cli/generate.py), on a tiny llama saved with a real tokenizer."""
 
 from __future__ import annotations
 
