@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import graphpeft  # noqa: E402
 from graphpeft.cli import commands as cli  # noqa: E402
-from graphpeft.cli.train import evaluate, train  # noqa: E402
+from graphpeft.runtime.train import evaluate, train  # noqa: E402
 from graphpeft.runtime import hub, outputs
 from graphpeft.runtime.data import Collator, make_loader, read_jsonl  # noqa: E402
 

@@ -195,7 +195,7 @@ def cmd_train(args: argparse.Namespace, method: registry.Method) -> dict:
     from graphpeft.runtime import hub
     from graphpeft.runtime.data import SEQ_CLS, Collator, read_jsonl
     from graphpeft.engine.match import find_sites
-    from graphpeft.cli.train import train
+    from graphpeft.runtime.train import train
 
     data = read_jsonl(args.data)
     eval_data = read_jsonl(args.eval_data) if args.eval_data else None

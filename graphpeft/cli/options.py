@@ -233,7 +233,7 @@ def _training_options(seed_help: str) -> list[click.Parameter]:
 
 def _trainer_options() -> list[click.Parameter]:
     """What ``graphpeft train`` hands transformers' Trainer (its TrainingArguments of the same names)."""
-    from graphpeft.cli.train import LR_SCHEDULERS
+    from graphpeft.runtime.train import LR_SCHEDULERS
 
     return [
         _opt("--grad-accum", "grad_accum", type=POSITIVE_INT, default=1, metavar="N",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import graphpeft
 from graphpeft.cli import commands as cli
 from graphpeft.engine import registry
+from graphpeft.runtime import hub
 from graphpeft.engine.config import TargetingConfig
 from graphpeft.engine.rule import RulePass
 
@@ -299,7 +300,7 @@ def test_an_unexpected_error_is_one_line_exit_1_with_a_traceback_only_in_debug_m
     def broken(*args, **kwargs):
         raise RuntimeError("something deep\nbroke")
 
-    monkeypatch.setattr(graphpeft.runtime.hub, "load_model", broken)
+    monkeypatch.setattr(hub, "load_model", broken)
     code, _, err = run(capsys, "inspect", tiny_bert_dir)
     assert_one_line_error(code, err, expected_code=1)
     assert "RuntimeError: something deep broke" in err and "GRAPHPEFT_DEBUG=1" in err

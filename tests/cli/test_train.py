@@ -14,7 +14,7 @@ import torch
 
 import graphpeft
 from graphpeft.cli import commands as cli
-from graphpeft.cli.train import History, evaluate, train
+from graphpeft.runtime.train import History, evaluate, train
 from graphpeft.engine.errors import GraphPeftError
 from graphpeft.runtime.data import CAUSAL_LM, SEQ_CLS, Collator, make_loader, read_jsonl
 

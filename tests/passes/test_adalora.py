@@ -233,7 +233,7 @@ def test_the_training_loop_allocates_and_its_bar_shows_the_budget(monkeypatch):
     import contextlib
 
     from graphpeft.runtime import progress
-    from graphpeft.cli.train import train
+    from graphpeft.runtime.train import train
 
     shown: list[dict] = []
 

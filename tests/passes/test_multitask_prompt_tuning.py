@@ -161,7 +161,7 @@ def test_distilbert_where_peft_fails():
 
 
 def test_training_moves_only_the_prompt_factors_and_the_loss_falls(captured):
-    from graphpeft.cli.train import train
+    from graphpeft.runtime.train import train
 
     model, gm = captured("llama")
     torch.manual_seed(0)

@@ -175,7 +175,7 @@ def test_custom_sdpa_model_without_past_key_values():
 
 
 def test_training_moves_only_the_prompt_and_the_loss_falls(captured):
-    from graphpeft.cli.train import train
+    from graphpeft.runtime.train import train
 
     model, gm = captured("llama")
     torch.manual_seed(0)
