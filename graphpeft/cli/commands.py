@@ -380,5 +380,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: internal error: {type(exc).__name__}: {reason} -- this is a bug; please report it with the "
               f"command you ran{'' if debug else ' (GRAPHPEFT_DEBUG=1 shows the traceback)'}", file=sys.stderr)
         return 1
-
-

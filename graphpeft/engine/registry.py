@@ -65,5 +65,3 @@ def rule(name: str) -> type:
     if name not in _RULES:
         raise GraphPeftError(f"no rule named {name!r} is registered")
     return _RULES[name]
-
-

@@ -52,4 +52,3 @@ def from_pretrained(model: nn.Module, adapter_dir: str, example_inputs: Any = No
             p.requires_grad_(False)
         peft_model.eval()
     return peft_model
-
