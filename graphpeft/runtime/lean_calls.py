@@ -12,6 +12,15 @@ output) are dropped:
              _assert_tensor_metadata(x, dtype=float32)
     after:   x ─ torch._C._nn.linear(x, W) ─ torch.add(·, y) ─
 
+A concatenation of a tensor with an empty constant is a copy of that tensor. transformers' cache layers
+start from ``torch.tensor([])`` and concatenate the past keys and values to it, so a captured decode step
+copies the whole cache once per layer before it appends the new position (one more full copy of every
+layer's keys and values per token). Where the copy is only read (no user mutates it, it is not an
+output, the dtype is the same), the tensor itself is used:
+
+    before:  past ─ cat([detach_(lift_fresh_copy(tensor([]))), past]) ─ cat([·, new]) ─
+    after:   past ─ cat([past, new]) ─
+
 Equivalence is by signature: every mapped binding takes the ATen op's arguments in the same order with
 the same meaning (the schema's positional arguments; the keyword names where a node uses them), so a
 node is only retargeted when its keyword arguments are among those the binding accepts.
@@ -61,6 +70,7 @@ _BINDINGS: dict[object, tuple[Callable, frozenset]] = {
 }
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
+_CONSTANT_WRAPPERS = {aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default}
 
 
 def lean_calls(gm: fx.GraphModule, *, recompile: bool = True) -> dict[str, int]:
@@ -77,9 +87,55 @@ def lean_calls(gm: fx.GraphModule, *, recompile: bool = True) -> dict[str, int]:
         if binding is not None and set(node.kwargs) <= binding[1]:
             node.target = binding[0]
             direct += 1
-    if recompile and (direct or dropped):
+    copies = _drop_empty_concats(gm)
+    if recompile and (direct or dropped or copies):
         gm.recompile()
-    return {"direct": direct, "asserts_dropped": dropped}
+    return {"direct": direct, "asserts_dropped": dropped, "empty_concats_dropped": copies}
+
+
+def _empty_constant(gm: fx.GraphModule, node: object) -> bool:
+    """``node`` is a constant 1-D tensor with no elements (through lift_fresh_copy/detach)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANT_WRAPPERS \
+            and len(node.users) == 1:
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    value = getattr(gm, node.target, None)
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == 0
+
+
+def _only_read(node: fx.Node) -> bool:
+    def reads(user: fx.Node) -> bool:
+        schema = getattr(user.target, "_schema", None)
+        if user.op == "output" or (schema is not None and schema.is_mutable):
+            return False
+        return user.op == "call_function" and not getattr(user.target, "__name__", "").endswith("_")
+    return all(reads(user) for user in node.users)
+
+
+def _drop_empty_concats(gm: fx.GraphModule) -> int:
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.cat.default, torch.cat) or not node.args:
+            continue
+        parts = node.args[0]
+        if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+            continue
+        kept = [p for p in parts if not _empty_constant(gm, p)]
+        if len(kept) != 1 or not isinstance(kept[0], fx.Node) or not _only_read(node):
+            continue
+        before, after = kept[0].meta.get("val"), node.meta.get("val")
+        if before is None or after is None or before.dtype != after.dtype:
+            continue
+        node.replace_all_uses_with(kept[0])
+        wrappers = [p for p in parts if p is not kept[0]]
+        gm.graph.erase_node(node)
+        while wrappers and isinstance(wrappers[0], fx.Node) and not wrappers[0].users:
+            inner = wrappers[0].args[0] if wrappers[0].op == "call_function" else None
+            gm.graph.erase_node(wrappers[0])
+            wrappers = [inner] if inner is not None else []
+        dropped += 1
+    return dropped
 
 
 __all__ = ["lean_calls"]

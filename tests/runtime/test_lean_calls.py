@@ -95,3 +95,65 @@ def test_a_captured_llama_graph_runs_the_same_with_lean_calls():
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     with torch.no_grad():
         assert torch.equal(lean(**inputs)["logits"], gm(**inputs)["logits"])
+
+
+def _concat_graph(empty: torch.Tensor, *, mutate: bool = False, output_copy: bool = False) -> fx.GraphModule:
+    """past -> cat([detach_(lift_fresh_copy(empty)), past]) -> cat([., new]), as a captured cache layer has it."""
+    root = torch.nn.Module()
+    root.empty = empty
+    graph = fx.Graph()
+    past, new = graph.placeholder("past"), graph.placeholder("new")
+    past.meta["val"] = torch.empty(1, 2, 5, 4)
+    const = graph.get_attr("empty")
+    wrapped = graph.call_function(aten.detach_.default, (graph.call_function(aten.lift_fresh_copy.default, (const,)),))
+    copied = graph.call_function(aten.cat.default, ([wrapped, past], -2))
+    copied.meta["val"] = torch.empty(1, 2, 5, 4, dtype=torch.promote_types(empty.dtype, torch.float32))
+    if mutate:
+        graph.call_function(aten.mul_.Tensor, (copied, 2.0))
+    grown = graph.call_function(aten.cat.default, ([copied, new], -2))
+    graph.output((grown, copied) if output_copy else grown)
+    return fx.GraphModule(root, graph)
+
+
+def test_a_concatenation_with_an_empty_constant_is_dropped_and_the_result_is_the_same():
+    past, new = _t(1, 2, 5, 4), _t(1, 2, 1, 4)
+    gm = _concat_graph(torch.tensor([]))
+    expected = gm(past, new)
+    assert lean_calls(gm)["empty_concats_dropped"] == 1
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.cat] and not [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert torch.equal(gm(past, new), expected)
+
+
+@pytest.mark.parametrize("case", ["mutated", "an output", "other dtype", "not empty"])
+def test_a_concatenation_whose_copy_matters_is_kept(case):
+    gm = _concat_graph(torch.tensor([], dtype=torch.float64) if case == "other dtype" else
+                       torch.zeros(1, 2, 1, 4) if case == "not empty" else torch.tensor([]),
+                       mutate=case == "mutated", output_copy=case == "an output")
+    assert lean_calls(gm)["empty_concats_dropped"] == 0
+    assert sum(n.target in (aten.cat.default, torch.cat) for n in gm.graph.nodes) == 2
+
+
+def test_a_decode_step_does_not_copy_the_cache_before_appending_to_it():
+    """transformers' cache layers start from tensor([]): captured, each step copied every layer's keys and
+    values once more before the append; the step graph generation builds has none of those copies."""
+    from graphpeft.runtime.generation import _graphs
+
+    base = tiny_llama()
+    layers = base.config.num_hidden_layers
+    model = graphpeft.rewrite(base, graphpeft.LoraConfig(target_modules="all-linear")).eval()
+    ids = torch.randint(3, VOCAB, (1, 6), generator=_G)
+    with torch.no_grad():
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                do_sample=False, pad_token_id=0)
+    step = _graphs(model).step
+    cats = [n for n in step.graph.nodes if n.target in (aten.cat.default, torch.cat)]
+    assert cats and not any(isinstance(p, fx.Node) and p.op != "placeholder" and p.target in
+                            (aten.detach_.default, aten.lift_fresh_copy.default) for n in cats for p in n.args[0])
+    past = [n for n in cats if any(isinstance(p, fx.Node) and p.op == "placeholder" for p in n.args[0])]
+    assert len(past) == 2 * layers       # one append per layer's keys and per layer's values, nothing else
+    with torch.no_grad():   # greedy by full forwards, no cache: the same tokens
+        full = ids
+        for _ in range(4):
+            full = torch.cat([full, model(input_ids=full).logits[:, -1:].argmax(-1)], -1)
+    assert torch.equal(tokens, full)
