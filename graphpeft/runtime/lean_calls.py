@@ -21,6 +21,10 @@ output, the dtype is the same), the tensor itself is used:
     before:  past ─ cat([detach_(lift_fresh_copy(tensor([]))), past]) ─ cat([·, new]) ─
     after:   past ─ cat([past, new]) ─
 
+Two ATen ops have no binding but a cheaper exact form: ``aten.slice.Tensor`` with constant bounds is
+Python's basic indexing (``x[..., a:b]``, the same view), and ``aten.to.dtype`` to the dtype its input
+already has returns that input, so the node is dropped.
+
 Equivalence is by signature: every mapped binding takes the ATen op's arguments in the same order with
 the same meaning (the schema's positional arguments; the keyword names where a node uses them), so a
 node is only retargeted when its keyword arguments are among those the binding accepts.
@@ -28,7 +32,8 @@ node is only retargeted when its keyword arguments are among those the binding a
 
 from __future__ import annotations
 
-from typing import Callable
+import operator
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -71,11 +76,13 @@ _BINDINGS: dict[object, tuple[Callable, frozenset]] = {
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
 _CONSTANT_WRAPPERS = {aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default}
+_SLICE_ARGS = ("dim", "start", "end", "step")
 
 
 def lean_calls(gm: fx.GraphModule, *, recompile: bool = True) -> dict[str, int]:
-    """Retarget ``gm``'s ATen ops to torch's bindings and drop its metadata asserts (inference graphs only)."""
-    direct = dropped = 0
+    """Retarget ``gm``'s ATen ops to torch's bindings (or basic indexing), drop its metadata asserts, casts to
+    the dtype a tensor has and copies of the cache (inference graphs only): counts of each."""
+    direct = dropped = casts = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -83,14 +90,47 @@ def lean_calls(gm: fx.GraphModule, *, recompile: bool = True) -> dict[str, int]:
             gm.graph.erase_node(node)
             dropped += 1
             continue
+        if node.target is aten.to.dtype and _same_dtype(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            casts += 1
+            continue
+        index = _slice_index(node) if node.target is aten.slice.Tensor else None
+        if index is not None:
+            node.target, node.args, node.kwargs = operator.getitem, (node.args[0], index), {}
+            direct += 1
+            continue
         binding = _BINDINGS.get(node.target)
         if binding is not None and set(node.kwargs) <= binding[1]:
             node.target = binding[0]
             direct += 1
     copies = _drop_empty_concats(gm)
-    if recompile and (direct or dropped or copies):
+    if recompile and (direct or dropped or casts or copies):
         gm.recompile()
-    return {"direct": direct, "asserts_dropped": dropped, "empty_concats_dropped": copies}
+    return {"direct": direct, "asserts_dropped": dropped, "casts_dropped": casts, "empty_concats_dropped": copies}
+
+
+def _same_dtype(node: fx.Node) -> bool:
+    """``to(x, dtype)`` that returns ``x`` itself: no copy asked, x already of that dtype."""
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    dtype = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+    extra = dict(zip(("non_blocking", "copy", "memory_format"), node.args[2:]), **node.kwargs)
+    return (isinstance(source, torch.Tensor) and isinstance(dtype, torch.dtype) and source.dtype == dtype
+            and not extra.get("copy") and extra.get("memory_format") is None)
+
+
+def _slice_index(node: fx.Node) -> Optional[tuple]:
+    """``slice(x, dim, start, end, step)`` with constant bounds as an index for ``x[...]``; None otherwise."""
+    values = dict(zip(_SLICE_ARGS, node.args[1:]), **node.kwargs)
+    dim, start, end, step = (values.get(k, d) for k, d in zip(_SLICE_ARGS, (0, None, None, 1)))
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(source, torch.Tensor) or not all(isinstance(v, int) or v is None for v in (start, end)) \
+            or not isinstance(dim, int) or not isinstance(step, int) or step < 1 or not -source.dim() <= dim < source.dim():
+        return None
+    cut = slice(start, end, step)
+    if dim < 0:
+        return (Ellipsis, cut) + (slice(None),) * (-dim - 1)
+    return (slice(None),) * dim + (cut,)
 
 
 def _empty_constant(gm: fx.GraphModule, node: object) -> bool:

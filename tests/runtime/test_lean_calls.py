@@ -157,3 +157,42 @@ def test_a_decode_step_does_not_copy_the_cache_before_appending_to_it():
         for _ in range(4):
             full = torch.cat([full, model(input_ids=full).logits[:, -1:].argmax(-1)], -1)
     assert torch.equal(tokens, full)
+
+
+def _one_op_graph(op, args, kwargs, x_meta):
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = x_meta
+    graph.output(graph.call_function(op, (x, *args), kwargs))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.mark.parametrize("args,kwargs", [((3, 0, 2), {}), ((-1, 1, 9223372036854775807), {}), ((1, -2, None), {}),
+                                         ((0,), {"start": 1, "end": 2}), ((-2, 0, 5, 2), {}), ((2, 3, 1), {})])
+def test_a_slice_with_constant_bounds_is_basic_indexing_the_same_view(args, kwargs):
+    x = _t(2, 3, 4, 5)
+    gm = _one_op_graph(aten.slice.Tensor, args, kwargs, x)
+    expected = aten.slice.Tensor(x, *args, **kwargs)
+    assert lean_calls(gm)["direct"] == 1
+    got = gm(x)
+    assert torch.equal(got, expected) and got.stride() == expected.stride() and got.data_ptr() == expected.data_ptr()
+
+
+def test_a_slice_with_a_bound_computed_in_the_graph_keeps_the_aten_op():
+    graph = fx.Graph()
+    x, n = graph.placeholder("x"), graph.placeholder("n")
+    x.meta["val"] = _t(2, 3)
+    graph.output(graph.call_function(aten.slice.Tensor, (x, 1, 0, n)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert lean_calls(gm)["direct"] == 0
+
+
+@pytest.mark.parametrize("dtype,kwargs,dropped", [(torch.float32, {}, True), (torch.float64, {}, False),
+                                                  (torch.float32, {"copy": True}, False)])
+def test_a_cast_to_the_dtype_a_tensor_has_is_dropped(dtype, kwargs, dropped):
+    x = _t(2, 3)
+    gm = _one_op_graph(aten.to.dtype, (dtype,), kwargs, x)
+    expected = aten.to.dtype(x, dtype, **kwargs)
+    assert lean_calls(gm)["casts_dropped"] == int(dropped)
+    got = gm(x)
+    assert torch.equal(got, expected) and (got is x) == dropped
