@@ -27,6 +27,7 @@ from torch import nn
 
 from graphpeft.engine.errors import GraphPeftError
 from graphpeft.export import fixes
+from graphpeft.runtime.optimize import boolean_attention_masks
 
 WRAPPED = "model"                      # attribute of GraphCall holding the model
 PREFIX = f"{WRAPPED}.graph_module."    # what torch.onnx puts before every graph attribute name
@@ -154,7 +155,7 @@ def to_onnx(model: nn.Module, inputs: dict[str, torch.Tensor], output_names: Seq
             raise GraphPeftError(f"example input {name} has size {tensor.shape[small[0]]} in dim {small[0]} "
                                  f"({dims[small[0]]}); give sizes of at least 2 so the dim stays dynamic")
     args = tuple(inputs.values())
-    with _quiet_exporter():
+    with _quiet_exporter(), boolean_attention_masks(model.graph_module):
         try:
             program = torch.onnx.export(call, args, dynamo=True, optimize=False, verbose=False, report=False,
                                         input_names=list(names), output_names=list(output_names),

@@ -7,30 +7,33 @@ saved, loaded and merged through the records); only the way the graph computes w
     drop_identity_dropout   dropout(x, p=0, *) -> x                                  exact, train and eval
     fold_scaling            mul(op(h, W), s) -> op(h, mul(W, s)); s == 1 -> op(h, W)   W an inserted weight
     fuse_shared_input       linear(x, A1) .. linear(x, An) -> slices of linear(x, cat(A1 .. An))
+    share_attention_masks   sdpa(.., mask_bool) x L -> m = 0 / -inf from mask_bool once; sdpa(.., m) x L
 
-``optimize_graph(gm)`` runs the first three, in that order: with identity dropout gone, branches that
+``optimize_graph(gm)`` runs them, in that order: with identity dropout gone, branches that
 read the same activation really read the same node, and folding leaves nothing between the fused
 slices and the small weights. They preserve results (same outputs to float rounding, the same
 gradients for every adapter parameter), so ``graphpeft.rewrite`` runs them by default
 (``optimize=False`` turns them off). ``runtime.inference.merge_for_inference`` changes what the model
 is (it no longer trains), so it is only ever called explicitly.
 
-What they never touch: nodes no rule inserted (except dropout with p = 0, an identity in any mode),
+What they never touch: nodes no rule inserted (except dropout with p = 0, an identity in any mode, and
+the boolean attention mask, which every attention layer would otherwise convert on its own),
 an inserted dropout with p > 0 (each branch keeps its own random mask, as PEFT's modules do), a
 scaling that is a tensor rather than a number, a weight op with a bias.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from numbers import Number
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
 
 from graphpeft.engine.match import STAMP, is_stamped
-from graphpeft.engine.rewriter import get_attr_path
+from graphpeft.engine.rewriter import copy_graph, get_attr_path
 
 aten = torch.ops.aten
 
@@ -49,6 +52,7 @@ def optimize_graph(gm: fx.GraphModule) -> dict[str, int]:
         "drop_identity_dropout": drop_identity_dropout(gm, recompile=False),
         "fold_scaling": fold_scaling(gm, recompile=False),
         "fuse_shared_input": fuse_shared_input(gm, recompile=False),
+        "share_attention_masks": share_attention_masks(gm, recompile=False),
     }
     if any(counts.values()):
         gm.graph.lint()
@@ -239,4 +243,83 @@ def _stamp_like(node: fx.Node, like: fx.Node, how: str) -> None:
         node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
 
 
-__all__ = ["drop_identity_dropout", "fold_scaling", "fuse_shared_input", "optimize_graph"]
+# -- share attention masks -------------------------------------------------------------------------
+
+_SDPA = (aten.scaled_dot_product_attention.default,)
+_SHARED_MASK = STAMP + ".shared_attention_mask"    # node meta of the additive mask share_attention_masks makes
+
+
+def share_attention_masks(gm: fx.GraphModule, *, recompile: bool = True) -> int:
+    """Convert a boolean attention mask read by several attention ops to its additive form once; returns how many.
+
+    scaled_dot_product_attention turns a boolean mask into ``zeros, masked_fill(~mask, -inf)`` in the
+    query's dtype on every call, and in training each layer's converted copy is saved for backward (the
+    model holds L float masks [B, 1, S, S] instead of one boolean one). The same conversion done once
+    in the graph, and its result passed to every layer, gives the layers bit-identical inputs:
+
+        before:  mask ─┬─ sdpa_1(q1, k1, v1, mask)        after:  mask ─ m = masked_fill(zeros_like(mask, dtype),
+                       └─ sdpa_L(qL, kL, vL, mask)                                          ~mask, -inf) ─┬─ sdpa_1(.., m)
+                                                                                                          └─ sdpa_L(.., m)
+    """
+    readers: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SDPA:
+            continue
+        mask, query = _sdpa_mask(node), node.args[0].meta.get("val")
+        value = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool and isinstance(query, torch.Tensor):
+            readers[(mask, query.dtype)].append(node)
+    shared = 0
+    for (mask, dtype), users in readers.items():
+        if len(users) < 2:
+            continue
+        with gm.graph.inserting_after(mask):
+            zeros = gm.graph.call_function(aten.zeros_like.default, (mask,), {"dtype": dtype})
+        with gm.graph.inserting_after(zeros):
+            blocked = gm.graph.call_function(aten.logical_not.default, (mask,))
+        with gm.graph.inserting_after(blocked):
+            additive = gm.graph.call_function(aten.masked_fill.Scalar, (zeros, blocked, float("-inf")))
+        with contextlib.suppress(Exception):      # meta for later passes; the graph runs without it
+            zeros.meta["val"] = torch.zeros_like(mask.meta["val"], dtype=dtype)
+            blocked.meta["val"] = torch.logical_not(mask.meta["val"])
+            additive.meta["val"] = zeros.meta["val"].masked_fill(blocked.meta["val"], float("-inf"))
+        for node in (zeros, blocked, additive):       # part of the model, where the mask is made: not stamped
+            if "nn_module_stack" in mask.meta:
+                node.meta["nn_module_stack"] = dict(mask.meta["nn_module_stack"])
+        additive.meta[_SHARED_MASK] = True
+        for user in users:
+            user.replace_input_with(mask, additive)
+        shared += 1
+    if recompile and shared:
+        gm.recompile()
+    return shared
+
+
+@contextlib.contextmanager
+def boolean_attention_masks(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Within the block ``gm`` runs the graph where every attention op takes its boolean mask again
+    (``share_attention_masks`` undone): what ONNX export traces, whose exporter turns a boolean mask into
+    the finite additive form ONNX Runtime trains with (an additive -inf mask gives NaN gradients there)."""
+    if not any(n.meta.get(_SHARED_MASK) for n in gm.graph.nodes):
+        yield gm
+        return
+    original, graph = gm.graph, copy_graph(gm.graph)
+    for additive in [n for n in graph.nodes if n.meta.get(_SHARED_MASK)]:
+        zeros, blocked = additive.args[0], additive.args[1]
+        additive.replace_all_uses_with(blocked.args[0])
+        for node in (additive, blocked, zeros):
+            if not node.users:
+                graph.erase_node(node)
+    gm.graph = graph                 # the setter recompiles; the module and its attributes stay the same
+    try:
+        yield gm
+    finally:
+        gm.graph = original
+
+
+def _sdpa_mask(node: fx.Node) -> object:
+    return node.kwargs["attn_mask"] if "attn_mask" in node.kwargs else (node.args[3] if len(node.args) > 3 else None)
+
+
+__all__ = ["drop_identity_dropout", "fold_scaling", "fuse_shared_input", "optimize_graph", "share_attention_masks",
+           "boolean_attention_masks"]

@@ -218,8 +218,37 @@ def test_identity_dropout_is_dropped_and_real_dropout_kept():
 
 def test_optimize_graph_runs_once_and_reports_counts():
     pm = _rewrite("llama", graphpeft.LoraConfig(target_modules="all-linear", lora_alpha=16), optimize=False)
-    assert optimize_graph(pm.graph_module) == {"drop_identity_dropout": 0, "fold_scaling": 14, "fuse_shared_input": 4}
+    assert optimize_graph(pm.graph_module) == {"drop_identity_dropout": 0, "fold_scaling": 14, "fuse_shared_input": 4,
+                                               "share_attention_masks": 1}
     assert set(optimize_graph(pm.graph_module).values()) == {0}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_one_attention_mask_conversion_feeds_every_layer_with_the_same_outputs_and_gradients(name):
+    """sdpa converts a boolean mask on every call (and training keeps each layer's copy); converted once in
+    the graph, the layers get bit-identical masks: the same logits and adapter gradients, bit for bit."""
+    from graphpeft.runtime.optimize import share_attention_masks
+
+    pm = _rewrite(name, graphpeft.LoraConfig(target_modules="all-linear"), optimize=False)
+    gm = pm.graph_module
+    sdpa = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    masks = {n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) for n in sdpa}
+    assert len(sdpa) > 1 and len(masks) == 1 and next(iter(masks)).meta["val"].dtype == torch.bool
+    batch = inputs_for(_model_and_graph(name)[0], 2, 6)
+    batch["attention_mask"][1, :2] = 0                     # a padded row: the mask is not only causal
+
+    def run():
+        pm.zero_grad()
+        out = pm(**batch).logits
+        out.square().mean().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in pm.named_parameters() if p.requires_grad}
+
+    want, want_grads = run()
+    assert share_attention_masks(gm) == 1 and share_attention_masks(gm) == 0
+    shared = {n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) for n in sdpa}
+    assert len(shared) == 1 and next(iter(shared)).target is aten.masked_fill.Scalar
+    got, grads = run()
+    assert torch.equal(got, want) and all(torch.equal(grads[k], want_grads[k]) for k in want_grads)
 
 
 # -- what uses the records and the base graph still works ------------------------------------------------
@@ -280,3 +309,24 @@ def test_merge_for_inference_has_no_adapter_nodes_and_the_adapted_outputs():
     with pytest.raises(GraphPeftError, match="cannot train"):
         merged.train()
     merged.eval()
+
+
+def test_export_sees_the_boolean_masks_and_the_model_keeps_its_shared_one():
+    """ONNX export traces the boolean form (its exporter makes the finite mask ONNX Runtime trains with)."""
+    from graphpeft.runtime.optimize import boolean_attention_masks
+
+    pm = _rewrite("llama", graphpeft.LoraConfig())
+    gm = pm.graph_module
+
+    def masks():
+        return {str(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None).target)
+                for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default}
+
+    batch = inputs_for(_model_and_graph("llama")[0], 2, 6)
+    with torch.no_grad():
+        want = pm(**batch).logits
+        assert masks() == {"aten.masked_fill.Scalar"}
+        with boolean_attention_masks(gm):
+            assert masks() == {"aten.expand.default"}
+            assert torch.equal(pm(**batch).logits, want)
+        assert masks() == {"aten.masked_fill.Scalar"} and torch.equal(pm(**batch).logits, want)
