@@ -279,10 +279,9 @@ def share_attention_masks(gm: fx.GraphModule, *, recompile: bool = True) -> int:
             blocked = gm.graph.call_function(aten.logical_not.default, (mask,))
         with gm.graph.inserting_after(blocked):
             additive = gm.graph.call_function(aten.masked_fill.Scalar, (zeros, blocked, float("-inf")))
-        with contextlib.suppress(Exception):      # meta for later passes; the graph runs without it
-            zeros.meta["val"] = torch.zeros_like(mask.meta["val"], dtype=dtype)
-            blocked.meta["val"] = torch.logical_not(mask.meta["val"])
-            additive.meta["val"] = zeros.meta["val"].masked_fill(blocked.meta["val"], float("-inf"))
+        zeros.meta["val"] = torch.zeros_like(mask.meta["val"], dtype=dtype)     # fake tensors, as capture's
+        blocked.meta["val"] = torch.logical_not(mask.meta["val"])
+        additive.meta["val"] = zeros.meta["val"].masked_fill(blocked.meta["val"], float("-inf"))
         for node in (zeros, blocked, additive):       # part of the model, where the mask is made: not stamped
             if "nn_module_stack" in mask.meta:
                 node.meta["nn_module_stack"] = dict(mask.meta["nn_module_stack"])
