@@ -27,7 +27,7 @@ from torch import nn
 
 from graphpeft.engine.errors import GraphPeftError
 from graphpeft.export import fixes
-from graphpeft.runtime.optimize import boolean_attention_masks
+from graphpeft.runtime.attention_masks import boolean_attention_masks
 
 WRAPPED = "model"                      # attribute of GraphCall holding the model
 PREFIX = f"{WRAPPED}.graph_module."    # what torch.onnx puts before every graph attribute name

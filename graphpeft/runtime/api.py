@@ -21,8 +21,8 @@ def rewrite(model: nn.Module, config: Any, example_inputs: Any = None, adapter_n
 
     Returns a GraphPeftModel that takes the model's arguments and returns its output type. With
     ``optimize`` (the default) the result-preserving graph optimisations of ``graphpeft.runtime.optimize`` run
-    on the rewritten graph (identity dropout dropped, scaling folded into the small weight, adapter
-    projections that share an input fused); a model on the meta device is rewritten the same way and
+    on the rewritten graph (identity dropout dropped, scaling folded onto the rank-r activation, the
+    attention mask converted once, or left out for a plain causal batch); a model on the meta device is rewritten the same way and
     gets its weights later with ``graphpeft.materialize``.
     """
     gm = capture(model, example_inputs)

@@ -35,10 +35,11 @@ def rewrite_graph(gm: fx.GraphModule, config: Any, adapter_name: str = "default"
 
 
 def apply_method(gm: fx.GraphModule, config: Any, adapter_name: str = "default",
-                 optimize: bool = True) -> tuple[fx.GraphModule, list]:
+                 optimize: bool = True, inference: bool = False) -> tuple[fx.GraphModule, list]:
     """Run ``config``'s pass on a captured graph (plus modules_to_save and the optimisations): (graph module, records).
 
-    ``rewrite`` uses it on the training graph; generation uses it on the graphs captured with a cache.
+    ``rewrite`` uses it on the training graph; generation uses it on the graphs captured with a cache,
+    which only ever run inference (``inference=True``: the optimisations for a graph that saves nothing).
     """
     method = registry.method_for_config(config)
     to_save = list(getattr(config, "modules_to_save", None) or [])
@@ -56,5 +57,5 @@ def apply_method(gm: fx.GraphModule, config: Any, adapter_name: str = "default",
         records += apply_modules_to_save(gm, to_save, adapter_name, {p for rec in records for p in rec.params},
                                         key_prefix=getattr(config, "saved_key_prefix", "base_model.model."))
     if optimize:
-        optimize_graph(gm)
+        optimize_graph(gm, inference=inference)
     return gm, records

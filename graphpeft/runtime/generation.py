@@ -481,7 +481,7 @@ def _rewritten(peft_model: Any, adapter_name: Optional[str], gm: fx.GraphModule,
         captured, info = copy_graph(gm.graph), capture_info(gm)
         have = {_site_key(r) for r in peft_model.records if r.adapter == adapter_name}
         try:
-            gm, records = apply_method(gm, config.for_loading(), adapter_name)
+            gm, records = apply_method(gm, config.for_loading(), adapter_name, inference=True)
         except NoMatchError:
             if not may_skip:
                 raise

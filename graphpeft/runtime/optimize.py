@@ -5,9 +5,11 @@ and at op kinds, never at a method. The adapter parameters stay what they are (s
 saved, loaded and merged through the records); only the way the graph computes with them changes.
 
     drop_identity_dropout   dropout(x, p=0, *) -> x                                  exact, train and eval
-    fold_scaling            mul(op(h, W), s) -> op(h, mul(W, s)); s == 1 -> op(h, W)   W an inserted weight
-    fuse_shared_input       linear(x, A1) .. linear(x, An) -> slices of linear(x, cat(A1 .. An))
-    share_attention_masks   sdpa(.., mask_bool) x L -> m = 0 / -inf from mask_bool once; sdpa(.., m) x L
+    fold_scaling            mul(op(h, W), s) -> op(mul(h, s), W)   (training graphs)  W an inserted weight
+                                            -> op(h, mul(W, s))   (inference graphs); s == 1 -> op(h, W)
+    fuse_shared_input       linear(x, A1) .. linear(x, An) -> slices of linear(x, cat(A1 .. An))   (inference)
+    share_attention_masks   sdpa(.., mask_bool) x L -> m = additive mask once, or None and is_causal
+                            when the mask is plain causality (graphpeft.runtime.attention_masks)
 
 ``optimize_graph(gm)`` runs them, in that order: with identity dropout gone, branches that
 read the same activation really read the same node, and folding leaves nothing between the fused
@@ -15,6 +17,13 @@ slices and the small weights. They preserve results (same outputs to float round
 gradients for every adapter parameter), so ``graphpeft.rewrite`` runs them by default
 (``optimize=False`` turns them off). ``runtime.inference.merge_for_inference`` changes what the model
 is (it no longer trains), so it is only ever called explicitly.
+
+A training graph and an inference graph want different things. Training keeps, for the backward pass,
+every tensor an op reads: a scaling folded onto a weight (s·B) or a fused cat(A_q, A_v) is one more
+saved tensor per site, while the scaled rank-r activation h·s replaces the h the op saved anyway (and
+the separate A matmuls cost the same time: measured equal on the bench's Llama). An inference graph
+(generation's, ``inference=True``) saves nothing, and its hoist computes weight-only values once per
+parameter update: there the weight-side fold and the fused matmul make each decode step shorter.
 
 What they never touch: nodes no rule inserted (except dropout with p = 0, an identity in any mode, and
 the boolean attention mask, which every attention layer would otherwise convert on its own),
@@ -24,16 +33,16 @@ scaling that is a tensor rather than a number, a weight op with a bias.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from numbers import Number
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 from graphpeft.engine.match import STAMP, is_stamped
-from graphpeft.engine.rewriter import copy_graph, get_attr_path
+from graphpeft.engine.rewriter import get_attr_path
+from graphpeft.runtime.attention_masks import boolean_attention_masks, share_attention_masks
 
 aten = torch.ops.aten
 
@@ -46,14 +55,18 @@ _WEIGHT_OPERANDS = {aten.linear.default: (1,), aten.conv1d.default: (1,), aten.c
 _VIEWS_OF_WEIGHT = (aten.t.default, aten.transpose.int, aten.permute.default)
 
 
-def optimize_graph(gm: fx.GraphModule) -> dict[str, int]:
-    """Run the result-preserving optimisations on ``gm`` in place; returns how often each one applied."""
+def optimize_graph(gm: fx.GraphModule, *, inference: bool = False) -> dict[str, int]:
+    """Run the result-preserving optimisations on ``gm`` in place; returns how often each one applied.
+
+    ``inference``: the graph never trains (generation's): fold scalings onto weights and fuse shared inputs.
+    """
     counts = {
         "drop_identity_dropout": drop_identity_dropout(gm, recompile=False),
-        "fold_scaling": fold_scaling(gm, recompile=False),
-        "fuse_shared_input": fuse_shared_input(gm, recompile=False),
-        "share_attention_masks": share_attention_masks(gm, recompile=False),
+        "fold_scaling": fold_scaling(gm, onto="weight" if inference else "activation", recompile=False),
     }
+    if inference:
+        counts["fuse_shared_input"] = fuse_shared_input(gm, recompile=False)
+    counts["share_attention_masks"] = share_attention_masks(gm, recompile=False)
     if any(counts.values()):
         gm.graph.lint()
         gm.recompile()
@@ -103,21 +116,28 @@ def _dropout_p_and_train(node: fx.Node) -> tuple[Optional[float], Optional[bool]
 
 # -- fold the scaling into the small weight ---------------------------------------------------------
 
-def fold_scaling(gm: fx.GraphModule, *, recompile: bool = True) -> int:
-    """Move a constant scaling after an inserted weight op onto the op's inserted weight; returns how many.
+def fold_scaling(gm: fx.GraphModule, *, onto: str = "activation", recompile: bool = True) -> int:
+    """Move a constant scaling after an inserted weight op onto one of its operands; returns how many.
 
-    op(h, W) * s = op(h, s * W) for a bias-free linear, convolution, mm or matmul. W is an adapter's
-    small factor (e.g. B [out, r]), so the multiply touches out * r numbers instead of the whole
-    activation, in the forward and in the backward pass. With s == 1 the multiply just goes.
+    op(h, W) * s = op(h * s, W) = op(h, s * W) for a bias-free linear, convolution, mm or matmul, W an
+    adapter's small factor (e.g. B [out, r]). Either way the multiply touches a rank-r tensor instead of
+    the out-sized product, in the forward and in the backward pass. ``onto="activation"`` (training)
+    scales h: the op saves h * s for W's gradient in place of h, so nothing is added to what training
+    keeps. ``onto="weight"`` (inference) scales W, which the hoist then computes once per parameter
+    update. An op whose other operand is an inserted weight too (a weight product) always scales the
+    smaller weight. With s == 1 the multiply just goes.
 
-        before:  h ─ linear(B) ─ mul(s) ─ add         after:  h ─ linear(·) ─ add
-                                                              B ─ mul(s) ┘
+        before:  h ─ linear(B) ─ mul(s) ─ add      activation:  h ─ mul(s) ─ linear(B) ─ add
+                                                   weight:      h ─ linear(·) ─ add
+                                                                B ─ mul(s) ┘
     """
+    if onto not in ("activation", "weight"):
+        raise ValueError(f"onto must be 'activation' or 'weight', got {onto!r}")
     folded = 0
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is aten.mul.Tensor and is_stamped(node)
-                and len(node.args) == 2 and not node.kwargs):
-            continue
+                and len(node.args) == 2 and not node.kwargs) or node.meta[STAMP].get("optimized") == "fold_scaling":
+            continue                 # (a scaling this pass placed stays there: h * s must not move on to x)
         op, scale = node.args
         if _is_number(op) and isinstance(scale, fx.Node):   # mul(s, h) as well as mul(h, s)
             op, scale = scale, op
@@ -127,16 +147,26 @@ def fold_scaling(gm: fx.GraphModule, *, recompile: bool = True) -> int:
         if weight is None or len(op.users) != 1:
             continue
         if scale != 1:
+            target = _activation_operand(gm, op, weight) if onto == "activation" else None
             with gm.graph.inserting_before(op):
-                scaled = gm.graph.call_function(aten.mul.Tensor, (weight, scale))
+                scaled = gm.graph.call_function(aten.mul.Tensor, (target or weight, scale))
             _stamp_like(scaled, node, "fold_scaling")
-            op.replace_input_with(weight, scaled)
+            op.replace_input_with(target or weight, scaled)
         node.replace_all_uses_with(op)
         gm.graph.erase_node(node)
         folded += 1
     if folded and recompile:
         gm.recompile()
     return folded
+
+
+def _activation_operand(gm: fx.GraphModule, op: fx.Node, weight: fx.Node) -> Optional[fx.Node]:
+    """The operand of ``op`` that is not ``weight`` nor another inserted weight, if there is one."""
+    operands = op.args[:2] if op.target in (aten.mm.default, aten.matmul.default) else op.args[:1]
+    for arg in operands:
+        if isinstance(arg, fx.Node) and arg is not weight and _inserted_tensor(gm, arg) is None:
+            return arg
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -243,82 +273,5 @@ def _stamp_like(node: fx.Node, like: fx.Node, how: str) -> None:
         node.meta["nn_module_stack"] = dict(like.meta["nn_module_stack"])
 
 
-# -- share attention masks -------------------------------------------------------------------------
-
-_SDPA = (aten.scaled_dot_product_attention.default,)
-_SHARED_MASK = STAMP + ".shared_attention_mask"    # node meta of the additive mask share_attention_masks makes
-
-
-def share_attention_masks(gm: fx.GraphModule, *, recompile: bool = True) -> int:
-    """Convert a boolean attention mask read by several attention ops to its additive form once; returns how many.
-
-    scaled_dot_product_attention turns a boolean mask into ``zeros, masked_fill(~mask, -inf)`` in the
-    query's dtype on every call, and in training each layer's converted copy is saved for backward (the
-    model holds L float masks [B, 1, S, S] instead of one boolean one). The same conversion done once
-    in the graph, and its result passed to every layer, gives the layers bit-identical inputs:
-
-        before:  mask ─┬─ sdpa_1(q1, k1, v1, mask)        after:  mask ─ m = masked_fill(zeros_like(mask, dtype),
-                       └─ sdpa_L(qL, kL, vL, mask)                                          ~mask, -inf) ─┬─ sdpa_1(.., m)
-                                                                                                          └─ sdpa_L(.., m)
-    """
-    readers: dict[tuple, list[fx.Node]] = defaultdict(list)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _SDPA:
-            continue
-        mask, query = _sdpa_mask(node), node.args[0].meta.get("val")
-        value = mask.meta.get("val") if isinstance(mask, fx.Node) else None
-        if isinstance(value, torch.Tensor) and value.dtype == torch.bool and isinstance(query, torch.Tensor):
-            readers[(mask, query.dtype)].append(node)
-    shared = 0
-    for (mask, dtype), users in readers.items():
-        if len(users) < 2:
-            continue
-        with gm.graph.inserting_after(mask):
-            zeros = gm.graph.call_function(aten.zeros_like.default, (mask,), {"dtype": dtype})
-        with gm.graph.inserting_after(zeros):
-            blocked = gm.graph.call_function(aten.logical_not.default, (mask,))
-        with gm.graph.inserting_after(blocked):
-            additive = gm.graph.call_function(aten.masked_fill.Scalar, (zeros, blocked, float("-inf")))
-        zeros.meta["val"] = torch.zeros_like(mask.meta["val"], dtype=dtype)     # fake tensors, as capture's
-        blocked.meta["val"] = torch.logical_not(mask.meta["val"])
-        additive.meta["val"] = zeros.meta["val"].masked_fill(blocked.meta["val"], float("-inf"))
-        for node in (zeros, blocked, additive):       # part of the model, where the mask is made: not stamped
-            if "nn_module_stack" in mask.meta:
-                node.meta["nn_module_stack"] = dict(mask.meta["nn_module_stack"])
-        additive.meta[_SHARED_MASK] = True
-        for user in users:
-            user.replace_input_with(mask, additive)
-        shared += 1
-    if recompile and shared:
-        gm.recompile()
-    return shared
-
-
-@contextlib.contextmanager
-def boolean_attention_masks(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
-    """Within the block ``gm`` runs the graph where every attention op takes its boolean mask again
-    (``share_attention_masks`` undone): what ONNX export traces, whose exporter turns a boolean mask into
-    the finite additive form ONNX Runtime trains with (an additive -inf mask gives NaN gradients there)."""
-    if not any(n.meta.get(_SHARED_MASK) for n in gm.graph.nodes):
-        yield gm
-        return
-    original, graph = gm.graph, copy_graph(gm.graph)
-    for additive in [n for n in graph.nodes if n.meta.get(_SHARED_MASK)]:
-        zeros, blocked = additive.args[0], additive.args[1]
-        additive.replace_all_uses_with(blocked.args[0])
-        for node in (additive, blocked, zeros):
-            if not node.users:
-                graph.erase_node(node)
-    gm.graph = graph                 # the setter recompiles; the module and its attributes stay the same
-    try:
-        yield gm
-    finally:
-        gm.graph = original
-
-
-def _sdpa_mask(node: fx.Node) -> object:
-    return node.kwargs["attn_mask"] if "attn_mask" in node.kwargs else (node.args[3] if len(node.args) > 3 else None)
-
-
-__all__ = ["drop_identity_dropout", "fold_scaling", "fuse_shared_input", "optimize_graph", "share_attention_masks",
-           "boolean_attention_masks"]
+__all__ = ["boolean_attention_masks", "drop_identity_dropout", "fold_scaling", "fuse_shared_input", "optimize_graph",
+           "share_attention_masks"]

@@ -10,13 +10,17 @@ import torch.fx as fx
 import graphpeft
 from graphpeft.engine.rewriter import get_attr_path
 from graphpeft.runtime.hoist import HOISTED, hoist_parameter_ops
+from graphpeft.runtime.optimize import optimize_graph
 from tests.models import tiny_llama
 
 aten = torch.ops.aten
 
 
 def _rewritten_llama():
-    model = graphpeft.rewrite(tiny_llama(), graphpeft.LoraConfig(target_modules="all-linear", lora_alpha=16)).eval()
+    """LoRA all-linear, optimised as generation's inference graphs are (fused cat(A..), s folded onto B)."""
+    model = graphpeft.rewrite(tiny_llama(), graphpeft.LoraConfig(target_modules="all-linear", lora_alpha=16),
+                              optimize=False).eval()
+    optimize_graph(model.graph_module, inference=True)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

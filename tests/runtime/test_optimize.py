@@ -136,15 +136,21 @@ def test_fuse_shared_input_makes_one_matmul_per_input_with_separate_parameters()
     assert all(n.meta[STAMP]["rule"] == "lora" and n.meta[STAMP]["optimized"] == "fuse_shared_input" for n in fused)
 
 
-def test_fold_scaling_removes_activation_multiplies():
-    for alpha, muls_left_on_weights in ((8, 0), (16, 2)):    # s == 1: the multiply goes; s == 2: it moves onto B
+@pytest.mark.parametrize("onto", ["activation", "weight"])
+def test_fold_scaling_removes_activation_multiplies(onto):
+    for alpha, muls_left in ((8, 0), (16, 2)):    # s == 1: the multiply goes; s == 2: it moves onto h or B
         pm = _rewrite("llama", graphpeft.LoraConfig(lora_alpha=alpha), optimize=False)
         gm = pm.graph_module
         assert _count(gm, aten.mul.Tensor) == 4
-        assert fold_scaling(gm) == 4
+        assert fold_scaling(gm, onto=onto) == 4
         scaled = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor and STAMP in n.meta]
-        assert len(scaled) == 2 * muls_left_on_weights
-        assert all(n.args[0].op == "get_attr" and ".lora_B." in n.args[0].target for n in scaled)
+        assert len(scaled) == 2 * muls_left
+        if onto == "weight":
+            assert all(n.args[0].op == "get_attr" and ".lora_B." in n.args[0].target for n in scaled)
+        else:     # h = linear(x, A) scaled, then linear(h * s, B)
+            assert all(n.args[0].target is aten.linear.default and ".lora_A." in n.args[0].args[1].target
+                       for n in scaled)
+            assert all(".lora_B." in next(iter(n.users)).args[1].target for n in scaled)
 
 
 def _toy(scale_of, bias: bool = False):
@@ -179,19 +185,53 @@ def test_fold_scaling_leaves_what_it_cannot_fold(case):
     torch.testing.assert_close(gm(x), want)
 
 
-def test_fold_scaling_on_a_toy_graph_scales_the_weight():
+@pytest.mark.parametrize("onto", ["activation", "weight"])
+def test_fold_scaling_on_a_toy_graph_keeps_outputs_and_gradients(onto):
     gm = _toy(lambda g: 3.0)
     x = torch.randn(2, 3, requires_grad=True)
     want = gm(x)
     want.sum().backward()
     grads = (x.grad.clone(), gm.B.grad.clone())
     x.grad, gm.B.grad = None, None
-    assert fold_scaling(gm) == 1
+    assert fold_scaling(gm, onto=onto) == 1
     got = gm(x)
     got.sum().backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close((x.grad, gm.B.grad), grads)
-    assert [n.args for n in gm.graph.nodes if n.target is aten.mul.Tensor][0][1] == 3.0
+    (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
+    assert mul.args[1] == 3.0 and mul.args[0].op == ("placeholder" if onto == "activation" else "get_attr")
+
+
+def _saved_bytes(model, batch) -> int:
+    """Bytes of the tensors a forward saves for its backward pass, beyond the model's parameters and buffers."""
+    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _out(model(**batch))
+    out.float().square().mean().backward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_a_training_graph_saves_no_more_for_backward_than_peft(pad):
+    """The oracle: PEFT's modules, which save h (not s * B), read each A on its own (no cat(A_q, A_k, A_v) to
+    keep) and, for a batch without padding, attend with is_causal and no mask (transformers' sdpa path)."""
+    model = _model_and_graph("llama")[0]
+    fields = dict(target_modules="all-linear", lora_alpha=16, init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields)).train()
+    ours = _rewrite("llama", graphpeft.LoraConfig(**fields)).train()
+    plain = _rewrite("llama", graphpeft.LoraConfig(**fields), optimize=False).train()
+    batch = inputs_for(model, 3, 7, pad=pad)
+    assert _saved_bytes(ours, batch) <= _saved_bytes(theirs, batch)
+    assert _saved_bytes(ours, batch) < _saved_bytes(plain, batch), "the per-layer float masks are gone"
 
 
 def test_identity_dropout_is_dropped_and_real_dropout_kept():
@@ -216,39 +256,13 @@ def test_identity_dropout_is_dropped_and_real_dropout_kept():
     assert not [n for n in gm.graph.nodes if n.target is aten.dropout.default]
 
 
-def test_optimize_graph_runs_once_and_reports_counts():
+@pytest.mark.parametrize("inference", [False, True])
+def test_optimize_graph_runs_once_and_reports_counts(inference):
     pm = _rewrite("llama", graphpeft.LoraConfig(target_modules="all-linear", lora_alpha=16), optimize=False)
-    assert optimize_graph(pm.graph_module) == {"drop_identity_dropout": 0, "fold_scaling": 14, "fuse_shared_input": 4,
-                                               "share_attention_masks": 1}
-    assert set(optimize_graph(pm.graph_module).values()) == {0}
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_one_attention_mask_conversion_feeds_every_layer_with_the_same_outputs_and_gradients(name):
-    """sdpa converts a boolean mask on every call (and training keeps each layer's copy); converted once in
-    the graph, the layers get bit-identical masks: the same logits and adapter gradients, bit for bit."""
-    from graphpeft.runtime.optimize import share_attention_masks
-
-    pm = _rewrite(name, graphpeft.LoraConfig(target_modules="all-linear"), optimize=False)
-    gm = pm.graph_module
-    sdpa = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
-    masks = {n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) for n in sdpa}
-    assert len(sdpa) > 1 and len(masks) == 1 and next(iter(masks)).meta["val"].dtype == torch.bool
-    batch = inputs_for(_model_and_graph(name)[0], 2, 6)
-    batch["attention_mask"][1, :2] = 0                     # a padded row: the mask is not only causal
-
-    def run():
-        pm.zero_grad()
-        out = pm(**batch).logits
-        out.square().mean().backward()
-        return out.detach(), {k: p.grad.clone() for k, p in pm.named_parameters() if p.requires_grad}
-
-    want, want_grads = run()
-    assert share_attention_masks(gm) == 1 and share_attention_masks(gm) == 0
-    shared = {n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) for n in sdpa}
-    assert len(shared) == 1 and next(iter(shared)).target is aten.masked_fill.Scalar
-    got, grads = run()
-    assert torch.equal(got, want) and all(torch.equal(grads[k], want_grads[k]) for k in want_grads)
+    fused = {"fuse_shared_input": 4} if inference else {}      # a training graph keeps each A on its own
+    assert optimize_graph(pm.graph_module, inference=inference) == {
+        "drop_identity_dropout": 0, "fold_scaling": 14, **fused, "share_attention_masks": 1}
+    assert set(optimize_graph(pm.graph_module, inference=inference).values()) == {0}
 
 
 # -- what uses the records and the base graph still works ------------------------------------------------
@@ -269,13 +283,13 @@ def test_optimized_model_saves_disables_and_merges_like_the_plain_one(tmp_path):
 
 
 def test_optimized_model_follows_peft_outputs_and_gradients():
-    """The oracle: PEFT's lora.Linear modules, same weights; all-linear with q/k/v and gate/up fused."""
+    """The oracle: PEFT's lora.Linear modules, same weights; all-linear, scalings folded onto the activations."""
     model = _model_and_graph("llama")[0]
     fields = dict(target_modules="all-linear", lora_alpha=16, init_lora_weights=False)
     torch.manual_seed(0)
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**fields))
     ours = _rewrite("llama", graphpeft.LoraConfig(**fields))
-    assert _count(ours.graph_module, aten.cat.default) == 4
+    assert _count(ours.graph_module, aten.mul.Tensor) == 14 and _count(ours.graph_module, aten.cat.default) == 0
     mine = {k.replace("graph_module.", ""): p for k, p in ours.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for k, p in theirs.named_parameters():
@@ -309,24 +323,3 @@ def test_merge_for_inference_has_no_adapter_nodes_and_the_adapted_outputs():
     with pytest.raises(GraphPeftError, match="cannot train"):
         merged.train()
     merged.eval()
-
-
-def test_export_sees_the_boolean_masks_and_the_model_keeps_its_shared_one():
-    """ONNX export traces the boolean form (its exporter makes the finite mask ONNX Runtime trains with)."""
-    from graphpeft.runtime.optimize import boolean_attention_masks
-
-    pm = _rewrite("llama", graphpeft.LoraConfig())
-    gm = pm.graph_module
-
-    def masks():
-        return {str(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None).target)
-                for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default}
-
-    batch = inputs_for(_model_and_graph("llama")[0], 2, 6)
-    with torch.no_grad():
-        want = pm(**batch).logits
-        assert masks() == {"aten.masked_fill.Scalar"}
-        with boolean_attention_masks(gm):
-            assert masks() == {"aten.expand.default"}
-            assert torch.equal(pm(**batch).logits, want)
-        assert masks() == {"aten.masked_fill.Scalar"} and torch.equal(pm(**batch).logits, want)
