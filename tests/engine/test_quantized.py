@@ -248,7 +248,6 @@ def test_ia3_and_adalora_merge_on_nf4_requantize_the_merged_weight(method, llama
     base = _load(llama_dir, "nf4")
     gm = graphpeft.rewrite(base, config)
     merged = gm.merge_and_unload()
-    expected = {}
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         old = get_attr_path(base, f"{name}.weight")
         w = dequantize_4bit(old.data, old.quant_state).float()

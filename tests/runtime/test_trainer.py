@@ -6,9 +6,7 @@ the same TrainingArguments, and compares the logged losses and the saved adapter
 
 from __future__ import annotations
 
-import copy
 import inspect
-import json
 
 import peft
 import pytest
