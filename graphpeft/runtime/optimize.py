@@ -124,8 +124,8 @@ def fold_scaling(gm: fx.GraphModule, *, onto: str = "activation", recompile: boo
     the out-sized product, in the forward and in the backward pass. ``onto="activation"`` (training)
     scales h: the op saves h * s for W's gradient in place of h, so nothing is added to what training
     keeps. ``onto="weight"`` (inference) scales W, which the hoist then computes once per parameter
-    update. An op whose other operand is an inserted weight too (a weight product) always scales the
-    smaller weight. With s == 1 the multiply just goes.
+    update. An op whose other operand is an inserted weight too (a weight product), or an activation
+    that something else reads as well, scales the smaller weight. With s == 1 the multiply just goes.
 
         before:  h ─ linear(B) ─ mul(s) ─ add      activation:  h ─ mul(s) ─ linear(B) ─ add
                                                    weight:      h ─ linear(·) ─ add
@@ -161,10 +161,13 @@ def fold_scaling(gm: fx.GraphModule, *, onto: str = "activation", recompile: boo
 
 
 def _activation_operand(gm: fx.GraphModule, op: fx.Node, weight: fx.Node) -> Optional[fx.Node]:
-    """The operand of ``op`` that is not ``weight`` nor another inserted weight, if there is one."""
+    """The operand of ``op`` that is neither ``weight`` nor another inserted weight and that only ``op`` reads,
+    if there is one. Read elsewhere too (a layer input that the base op also saves), h * s would be kept
+    beside h: the weight is scaled instead."""
     operands = op.args[:2] if op.target in (aten.mm.default, aten.matmul.default) else op.args[:1]
     for arg in operands:
-        if isinstance(arg, fx.Node) and arg is not weight and _inserted_tensor(gm, arg) is None:
+        if (isinstance(arg, fx.Node) and arg is not weight and _inserted_tensor(gm, arg) is None
+                and set(arg.users) == {op}):
             return arg
     return None
 

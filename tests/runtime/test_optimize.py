@@ -153,8 +153,9 @@ def test_fold_scaling_removes_activation_multiplies(onto):
             assert all(".lora_B." in next(iter(n.users)).args[1].target for n in scaled)
 
 
-def _toy(scale_of, bias: bool = False):
-    """x -> linear(x, B[, b]) -> mul(., scale) with every node stamped as a rule would stamp it."""
+def _toy(scale_of, bias: bool = False, x_read_twice: bool = False):
+    """x -> linear(x, B[, b]) -> mul(., scale) with every node stamped as a rule would stamp it
+    (``x_read_twice``: the output is the scaled product plus x, as a base path beside a branch would be)."""
     root = nn.Module()
     root.register_parameter("B", nn.Parameter(torch.randn(5, 3)))
     root.register_parameter("b", nn.Parameter(torch.randn(5)))
@@ -166,10 +167,12 @@ def _toy(scale_of, bias: bool = False):
     lin = graph.call_function(aten.linear.default, args)
     scale = scale_of(graph)
     out = graph.call_function(aten.mul.Tensor, (lin, scale))
-    graph.output(out)
     for node in graph.nodes:
         if node.op not in ("placeholder", "output"):
             node.meta[STAMP] = {"rule": "toy", "adapter": "default", "anchor": "x"}
+    if x_read_twice:
+        out = graph.call_function(aten.add.Tensor, (graph.call_function(aten.sum.dim_IntList, (x, [1], True)), out))
+    graph.output(out)
     return fx.GraphModule(root, graph)
 
 
@@ -185,9 +188,12 @@ def test_fold_scaling_leaves_what_it_cannot_fold(case):
     torch.testing.assert_close(gm(x), want)
 
 
-@pytest.mark.parametrize("onto", ["activation", "weight"])
+@pytest.mark.parametrize("onto", ["activation", "weight", "activation-read-twice"])
 def test_fold_scaling_on_a_toy_graph_keeps_outputs_and_gradients(onto):
-    gm = _toy(lambda g: 3.0)
+    """An activation another op reads too is not scaled (h * s would be kept beside h): the weight is."""
+    twice = onto.endswith("read-twice")
+    onto = onto.split("-")[0]
+    gm = _toy(lambda g: 3.0, x_read_twice=twice)
     x = torch.randn(2, 3, requires_grad=True)
     want = gm(x)
     want.sum().backward()
@@ -199,7 +205,7 @@ def test_fold_scaling_on_a_toy_graph_keeps_outputs_and_gradients(onto):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close((x.grad, gm.B.grad), grads)
     (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
-    assert mul.args[1] == 3.0 and mul.args[0].op == ("placeholder" if onto == "activation" else "get_attr")
+    assert mul.args[1] == 3.0 and mul.args[0].op == ("placeholder" if onto == "activation" and not twice else "get_attr")
 
 
 def _saved_bytes(model, batch) -> int:
