@@ -155,7 +155,7 @@ def test_fold_scaling_removes_activation_multiplies(onto):
 
 def _toy(scale_of, bias: bool = False, x_read_twice: bool = False):
     """x -> linear(x, B[, b]) -> mul(., scale) with every node stamped as a rule would stamp it
-    (``x_read_twice``: the output is the scaled product plus x, as a base path beside a branch would be)."""
+    (``x_read_twice``: x is read by another op too, as the base path beside a branch reads it)."""
     root = nn.Module()
     root.register_parameter("B", nn.Parameter(torch.randn(5, 3)))
     root.register_parameter("b", nn.Parameter(torch.randn(5)))
