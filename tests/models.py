@@ -159,6 +159,17 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def perturb_adapters(model: nn.Module, seed: int, scale: float) -> nn.Module:
+    """Move every trainable parameter far from its init (adds seeded noise * ``scale``, in name order), in place:
+    an adapter that really changes the outputs, as a trained one would. Returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 def inputs_for(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0, pad: int = 0) -> dict[str, torch.Tensor]:
     """Keyword inputs for ``model(**inputs)``, of the given batch and sequence length, seeded.
 

@@ -21,7 +21,8 @@ is (it no longer trains), so it is only ever called explicitly.
 A training graph and an inference graph want different things. Training keeps, for the backward pass,
 every tensor an op reads: a scaling folded onto a weight (s·B) or a fused cat(A_q, A_v) is one more
 saved tensor per site, while the scaled rank-r activation h·s replaces the h the op saved anyway (and
-the separate A matmuls cost the same time: measured equal on the bench's Llama). An inference graph
+the separate A matmuls cost no more time: a training step of the bench's Llama, LoRA all-linear, took
+603.6 ms unfused, 603.7 ms fused). An inference graph
 (generation's, ``inference=True``) saves nothing, and its hoist computes weight-only values once per
 parameter update: there the weight-side fold and the fused matmul make each decode step shorter.
 

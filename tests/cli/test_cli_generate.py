@@ -10,6 +10,7 @@ import torch
 
 import graphpeft
 from graphpeft.cli import commands as cli
+from tests.models import perturb_adapters
 
 PROMPTS = ["the cat sat on", "hello world"]
 
@@ -32,12 +33,7 @@ def _adapter(model_dir: Path, folder: Path, config) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    peft_model = graphpeft.rewrite(model, config).eval()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, p in sorted(peft_model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    peft_model = perturb_adapters(graphpeft.rewrite(model, config).eval(), 5, 0.5)
     peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)
     peft_model.save_pretrained(folder)
     return folder

@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import graphpeft
 from graphpeft.engine.errors import GraphPeftError
-from tests.models import tiny_gpt2, tiny_llama, tiny_qwen2
+from tests.models import perturb_adapters, tiny_gpt2, tiny_llama, tiny_qwen2
 
 ATOL = 1e-4
 NEW = 6
@@ -57,13 +57,7 @@ def _virtual(peft_model) -> int:
 
 def _trained(model, config, seed=3):
     """A graphpeft model whose adapter is far from its init (so that it changes the tokens)."""
-    peft_model = graphpeft.rewrite(model, config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    return peft_model
+    return perturb_adapters(graphpeft.rewrite(model, config).eval(), seed, 0.5)
 
 
 def _in_peft(peft_model, model, tmp_path):

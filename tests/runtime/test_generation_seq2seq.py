@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import graphpeft
-from tests.models import MEL_BINS, MEL_FRAMES, tiny_bart, tiny_t5, tiny_whisper
+from tests.models import MEL_BINS, MEL_FRAMES, perturb_adapters, tiny_bart, tiny_t5, tiny_whisper
 
 ATOL = 1e-4
 NEW = 5
@@ -90,12 +90,7 @@ QUICK = {"t5-lora", "bart-prefix", "whisper-ia3", "t5-multitask"}   # the defaul
 def case(request, tmp_path_factory):
     builder, config = CASES[request.param]
     model = builder()
-    ours = graphpeft.rewrite(model, config()).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, p in sorted(ours.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    ours = perturb_adapters(graphpeft.rewrite(model, config()).eval(), 3, 0.5)
     folder = tmp_path_factory.mktemp(request.param)
     ours.save_pretrained(folder)
     theirs = None if _ours_is_the_oracle(request.param) else \

@@ -11,7 +11,7 @@ import torch
 
 import graphpeft
 from graphpeft.engine.errors import GraphPeftError
-from tests.models import inputs_for, tiny_bart, tiny_gpt2, tiny_llama
+from tests.models import inputs_for, perturb_adapters, tiny_bart, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
 
@@ -25,13 +25,7 @@ CASES = {
 
 
 def _perturbed(model, config):
-    peft_model = graphpeft.rewrite(model, config).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return peft_model
+    return perturb_adapters(graphpeft.rewrite(model, config).eval(), 3, 0.3)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
